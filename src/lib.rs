@@ -11,8 +11,10 @@
 //!
 //! Each concept lives in the module named after it.
 
+pub mod checkpoint;
 pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod schema;
+pub mod sink;
 pub mod value;

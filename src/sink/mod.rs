@@ -1,0 +1,99 @@
+//! Where encoded events go: RabbitMQ ([`rabbitmq`]) or standard output ([`stdout`]).
+//!
+//! A sink only *delivers*; it never decides what is safe to acknowledge to
+//! Postgres. Each publish hands back a [`Confirm`], and the pipeline feeds
+//! positive outcomes to the [`crate::checkpoint::Checkpoint`]. Anything else (a
+//! nack, a returned message, a timeout, a closed channel) is an error that stops
+//! the pipeline before the slot can move past the event.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+pub mod rabbitmq;
+pub mod stdout;
+
+/// One message ready for the transport, already encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingMessage {
+    pub routing_key: String,
+    pub body: Bytes,
+    /// Stable id derived from the WAL (`<commit_lsn hex16>-<seq 8 digits>`).
+    pub message_id: String,
+    /// `application/json` or `application/x-protobuf`.
+    pub content_type: &'static str,
+    /// Commit time, seconds since the Unix epoch (AMQP `timestamp` has second precision).
+    pub timestamp: u64,
+    /// AMQP `type`, e.g. `sale.order.update` or `public.sale_order.update`.
+    pub kind: String,
+    /// Application headers (`x-lsn`, `x-commit-lsn`, `x-xid`, `x-table`, `x-op`, ...).
+    pub headers: BTreeMap<String, HeaderValue>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+}
+
+/// The outcome of a publish as the broker reports it, resolved later.
+pub type ConfirmFuture = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'static>>;
+
+/// What a sink returns for one message.
+pub enum Confirm {
+    /// The broker will confirm (or reject) asynchronously.
+    Pending(ConfirmFuture),
+    /// Durable once the sink's next [`Sink::flush`] returns Ok (stdout).
+    OnFlush,
+}
+
+/// A transport for encoded events.
+pub trait Sink: Send {
+    /// Hands one message to the transport. Returns once the message is queued
+    /// for sending (not when it is confirmed).
+    fn publish(
+        &mut self,
+        msg: OutgoingMessage,
+    ) -> impl Future<Output = Result<Confirm, SinkError>> + Send;
+
+    /// Makes every [`Confirm::OnFlush`] message durable.
+    fn flush(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot connect to the broker at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("broker rejected (nack) message {message_id} with routing key {routing_key}")]
+    Nack {
+        message_id: String,
+        routing_key: String,
+    },
+    #[error(
+        "message {message_id} was returned as unroutable: no queue is bound to exchange {exchange:?} for routing key {routing_key:?} (bind a queue, or run with --unroutable=drop to drop such events on purpose)"
+    )]
+    Unroutable {
+        message_id: String,
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("no confirm for message {message_id} within {timeout_ms} ms")]
+    ConfirmTimeout { message_id: String, timeout_ms: u64 },
+    #[error("broker connection or channel closed: {0}")]
+    Closed(String),
+    #[error("broker error during {during}: {reason}")]
+    Broker { during: &'static str, reason: String },
+    #[error("writing events failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl SinkError {
+    /// Every sink failure is worth a reconnect, except a broker that refuses our
+    /// topology or credentials: that needs an operator.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, SinkError::Connect { reason, .. } if reason.contains("ACCESS_REFUSED"))
+    }
+}

@@ -1,0 +1,1 @@
+//! RabbitMQ sink: placeholder, see the helper branch.
