@@ -15,4 +15,5 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod schema;
+pub mod secret;
 pub mod value;
