@@ -16,5 +16,6 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod schema;
+pub mod secret;
 pub mod sink;
 pub mod value;
