@@ -1,21 +1,37 @@
 //! odoo-cdc: log-based change data capture from an Odoo PostgreSQL database to RabbitMQ.
 //!
-//! Data flow (see DESIGN.md in the project's shared folder and the README):
+//! Data flow (see the README and DESIGN.md):
 //!
 //! ```text
-//! walsender ──CopyBoth──▶ replication ──▶ pgoutput ──▶ transaction (+ schema, value)
+//! walsender ──CopyBoth──▶ replication ──▶ pgoutput ──▶ transaction (+ schema, value, spill)
 //!    ▲                                                        │
-//!    │ standby status (flush LSN)                             ▼ event
+//!    │ standby status (flush LSN)                             ▼ event ─▶ routing
 //!    └──────── checkpoint (ordered, confirm-driven) ◀──── sink (RabbitMQ | stdout)
 //! ```
 //!
-//! Each concept lives in the module named after it.
+//! [`pipeline`] joins them for one replication session. Each concept lives in the
+//! module named after it.
 
+pub mod app;
+pub mod check;
 pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod event;
 pub mod lsn;
+pub mod metrics;
+pub mod odoo;
 pub mod pgoutput;
+pub mod pipeline;
+pub mod protobuf;
 pub mod replication;
+pub mod routing;
 pub mod schema;
 pub mod secret;
 pub mod sink;
+pub mod slot;
+// pub mod supervisor;
+pub mod spill;
+pub mod tail;
+pub mod transaction;
 pub mod value;

@@ -1,3 +1,53 @@
-fn main() {
-    println!("odoo-cdc: under construction");
+//! The `odoo-cdc` binary: parse, validate, then hand over to the library.
+//! Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad configuration or usage.
+
+use std::process::ExitCode;
+
+use odoo_cdc::cli::{self, Invocation};
+use odoo_cdc::config::LogFormat;
+
+fn main() -> ExitCode {
+    let invocation = match cli::parse(std::env::args_os()) {
+        Err(e) => {
+            // --help and --version are not errors.
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+        Ok(Err(config_error)) => {
+            eprintln!("odoo-cdc: configuration error: {config_error}");
+            return ExitCode::from(2);
+        }
+        Ok(Ok(inv)) => inv,
+    };
+    let log_format = match &invocation {
+        Invocation::Tail(s)
+        | Invocation::Run(s)
+        | Invocation::Check(s)
+        | Invocation::Slot(_, s) => s.log_format,
+    };
+    init_logging(log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("odoo-cdc: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(odoo_cdc::app::main(invocation))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ODOO_CDC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }

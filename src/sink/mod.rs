@@ -85,7 +85,10 @@ pub enum SinkError {
     #[error("broker connection or channel closed: {0}")]
     Closed(String),
     #[error("broker error during {during}: {reason}")]
-    Broker { during: &'static str, reason: String },
+    Broker {
+        during: &'static str,
+        reason: String,
+    },
     #[error("writing events failed: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -1,0 +1,64 @@
+//! What each subcommand does, as library functions the binary calls, so tests
+//! can drive them in-process.
+
+use std::process::ExitCode;
+
+use crate::cli::{Invocation, SlotAction};
+use crate::config::Settings;
+use crate::pipeline::Stopped;
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested: finishing in-flight work");
+}
+
+pub async fn main(invocation: Invocation) -> ExitCode {
+    match invocation {
+        Invocation::Tail(settings) => match crate::tail::tail(&settings, shutdown_signal()).await {
+            Ok(Stopped::Shutdown { confirmed }) => {
+                tracing::info!(confirmed = %confirmed, "stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "tail failed");
+                ExitCode::from(1)
+            }
+        },
+        Invocation::Run(_settings) => ExitCode::from(1),
+        Invocation::Check(settings) => crate::check::run(&settings).await,
+        Invocation::Slot(action, settings) => slot_command(action, &settings).await,
+    }
+}
+
+async fn slot_command(action: SlotAction, settings: &Settings) -> ExitCode {
+    match crate::slot::command(action, settings).await {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("odoo-cdc: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The command line: `tail`, `run`, `check`, `slot`.
+//!
+//! Flags are generated from [`crate::config::OPTIONS`], the one list of option
+//! keys, so a flag, its file key and its environment variable can never drift
+//! apart. `main` parses, builds validated [`Settings`], and only then starts the
+//! runtime.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+
+use crate::config::{ConfigError, Kind, OPTIONS, RawOptions, Settings};
+
+/// What the user asked for, validated.
+#[derive(Debug)]
+pub enum Invocation {
+    Tail(Settings),
+    Run(Settings),
+    Check(Settings),
+    Slot(SlotAction, Settings),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotAction {
+    Create,
+    Drop,
+    Status,
+}
+
+/// Options that make no sense for a subcommand are not offered there.
+fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
+    let broker_only = [
+        "amqp",
+        "exchange",
+        "no_declare",
+        "queue",
+        "queue_type",
+        "queue_binding",
+        "routing_prefix",
+        "routing_template",
+        "unroutable",
+        "confirm_timeout_secs",
+        "max_events_per_message",
+        "granularity",
+        "window",
+    ];
+    OPTIONS
+        .iter()
+        .filter(|(k, _, _)| match cmd {
+            "run" => true,
+            "tail" => !broker_only.contains(k) || *k == "window",
+            "check" => matches!(*k, "source" | "slot" | "publication" | "log_format"),
+            "slot" => matches!(
+                *k,
+                "source" | "slot" | "publication" | "log_format" | "temporary"
+            ),
+            _ => false,
+        })
+        .collect()
+}
+
+fn with_options(mut cmd: Command, name: &str) -> Command {
+    cmd = cmd.arg(
+        Arg::new("config")
+            .long("config")
+            .value_name("FILE")
+            .value_parser(clap::value_parser!(PathBuf))
+            .help("TOML file with option keys (flags win over the file, the file over ODOO_CDC_* variables)"),
+    );
+    for (key, kind, help) in options_for(name) {
+        let long: &'static str = Box::leak(key.replace('_', "-").into_boxed_str());
+        let env = format!("ODOO_CDC_{}", key.to_ascii_uppercase());
+        let help = format!("{help}  [env: {env}]");
+        let arg = Arg::new(*key).long(long).help(help);
+        let arg = match kind {
+            Kind::Flag => arg.action(ArgAction::SetTrue),
+            Kind::Single => arg.action(ArgAction::Set).value_name("VALUE"),
+            Kind::List => arg.action(ArgAction::Append).value_name("VALUE"),
+        };
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+pub fn command() -> Command {
+    Command::new("odoo-cdc")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Change data capture from Odoo's PostgreSQL (logical replication, pgoutput) to RabbitMQ")
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .subcommand(with_options(
+            Command::new("tail").about("Print committed changes as JSON lines on stdout (no broker)"),
+            "tail",
+        ))
+        .subcommand(with_options(
+            Command::new("run").about("Stream committed changes to RabbitMQ with publisher confirms"),
+            "run",
+        ))
+        .subcommand(with_options(
+            Command::new("check").about("Preflight report of the source database; exit 1 if a problem blocks going live"),
+            "check",
+        ))
+        .subcommand(with_options(
+            Command::new("slot")
+                .about("Manage the replication slot")
+                .arg(
+                    Arg::new("action")
+                        .required(true)
+                        .value_parser(["create", "drop", "status"]),
+                ),
+            "slot",
+        ))
+}
+
+fn flags_of(m: &ArgMatches, cmd: &str) -> Vec<(&'static str, Vec<String>)> {
+    let mut out = Vec::new();
+    for (key, kind, _) in options_for(cmd) {
+        match kind {
+            Kind::Flag => {
+                if m.get_flag(key) {
+                    out.push((*key, vec!["true".to_string()]));
+                }
+            }
+            _ => {
+                if let Some(vals) = m.get_many::<String>(key) {
+                    out.push((*key, vals.cloned().collect()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Parses arguments and the environment into a validated invocation.
+/// Usage errors come back as clap errors (exit 2), config errors as [`ConfigError`].
+pub fn parse<I, T>(args: I) -> Result<Result<Invocation, ConfigError>, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    let (name, sub) = matches.subcommand().ok_or_else(|| {
+        command().error(
+            clap::error::ErrorKind::MissingSubcommand,
+            "a subcommand is required",
+        )
+    })?;
+    let file = sub.get_one::<PathBuf>("config").cloned();
+    let raw = match RawOptions::layered(flags_of(sub, name), file.as_deref(), |k| {
+        std::env::var(k).ok()
+    }) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let settings = match Settings::from_raw(&raw) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(match name {
+        "tail" => Invocation::Tail(settings),
+        "run" => {
+            if settings.amqp.is_none() {
+                return Ok(Err(ConfigError::Missing {
+                    key: "amqp",
+                    flag: "amqp".into(),
+                    env: "AMQP".into(),
+                }));
+            }
+            Invocation::Run(settings)
+        }
+        "check" => Invocation::Check(settings),
+        "slot" => {
+            let action = match sub.get_one::<String>("action").map(String::as_str) {
+                Some("create") => SlotAction::Create,
+                Some("drop") => SlotAction::Drop,
+                _ => SlotAction::Status,
+            };
+            Invocation::Slot(action, settings)
+        }
+        other => {
+            return Err(command().error(
+                clap::error::ErrorKind::InvalidSubcommand,
+                format!("unknown subcommand {other}"),
+            ));
+        }
+    }))
+}

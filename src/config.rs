@@ -1,0 +1,736 @@
+//! Layered configuration: command-line flags, then a TOML file (`--config`), then
+//! `ODOO_CDC_*` environment variables, then defaults — flags win.
+//!
+//! Two phases, nothing opened before the second ends: every source is first
+//! collected as raw text per option key ([`RawOptions`]), then parsed and
+//! validated into [`Settings`]. Any error names the option key and where the
+//! bad value came from (`--window`, `window` in the file, `ODOO_CDC_WINDOW`).
+//! Secrets (URLs with passwords) are held in types whose Debug output hides them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::pipeline::{Format, Granularity};
+use crate::replication::PgConfig;
+use crate::routing::Routing;
+use crate::secret::Secret;
+
+/// Every option key, its kind, and its help text. The file keys and the
+/// environment names (`ODOO_CDC_<KEY>`) derive from this list.
+pub const OPTIONS: &[(&str, Kind, &str)] = &[
+    (
+        "source",
+        Kind::Single,
+        "PostgreSQL URL of Odoo's database (postgres://user:pass@host:port/db?sslmode=...)",
+    ),
+    (
+        "slot",
+        Kind::Single,
+        "replication slot name [default: odoo_cdc]",
+    ),
+    (
+        "publication",
+        Kind::Single,
+        "publication name(s), comma separated [default: odoo_cdc]",
+    ),
+    (
+        "create_slot",
+        Kind::Flag,
+        "create the slot if it does not exist",
+    ),
+    (
+        "temporary",
+        Kind::Flag,
+        "use a temporary slot (dropped when the connection ends; tail only)",
+    ),
+    (
+        "create_publication",
+        Kind::Flag,
+        "create the publication (FOR ALL TABLES) if it does not exist",
+    ),
+    (
+        "amqp",
+        Kind::Single,
+        "RabbitMQ URL (amqp:// or amqps://, vhost as path)",
+    ),
+    (
+        "exchange",
+        Kind::Single,
+        "topic exchange to publish to [default: odoo.cdc]",
+    ),
+    (
+        "no_declare",
+        Kind::Flag,
+        "do not declare the exchange (locked-down brokers)",
+    ),
+    (
+        "queue",
+        Kind::Single,
+        "declare this durable queue and bind it to the exchange (quick start)",
+    ),
+    (
+        "queue_type",
+        Kind::Single,
+        "type of --queue: classic|quorum|stream [default: quorum]",
+    ),
+    (
+        "queue_binding",
+        Kind::List,
+        "binding key(s) for --queue [default: <prefix>.#]",
+    ),
+    (
+        "routing_prefix",
+        Kind::Single,
+        "first routing key segment [default: the database name]",
+    ),
+    (
+        "routing_template",
+        Kind::Single,
+        "routing key template with {prefix} {schema} {table} {op} {model} [default: {prefix}.{schema}.{table}.{op}]",
+    ),
+    (
+        "granularity",
+        Kind::Single,
+        "row|transaction [default: row]",
+    ),
+    ("format", Kind::Single, "json|protobuf [default: json]"),
+    (
+        "unroutable",
+        Kind::Single,
+        "fail|drop: what to do with a message no queue is bound for [default: fail]",
+    ),
+    (
+        "window",
+        Kind::Single,
+        "unconfirmed messages in flight [default: 2048]",
+    ),
+    (
+        "max_events_per_message",
+        Kind::Single,
+        "transaction granularity: events per message part [default: 1000]",
+    ),
+    (
+        "stream_memory_mb",
+        Kind::Single,
+        "memory for buffered streamed transactions before spilling to disk, MiB [default: 64]",
+    ),
+    (
+        "spill_dir",
+        Kind::Single,
+        "directory for spill files [default: the system temp dir]",
+    ),
+    (
+        "status_interval_secs",
+        Kind::Single,
+        "seconds between standby status updates [default: 10]",
+    ),
+    (
+        "confirm_timeout_secs",
+        Kind::Single,
+        "seconds to wait for a broker confirm [default: 30]",
+    ),
+    (
+        "no_streaming",
+        Kind::Flag,
+        "do not ask Postgres to stream in-progress transactions",
+    ),
+    (
+        "metrics_addr",
+        Kind::Single,
+        "HOST:PORT serving /metrics, /healthz and /readyz",
+    ),
+    ("log_format", Kind::Single, "text|json [default: text]"),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Single,
+    List,
+    Flag,
+}
+
+/// Where a raw value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Flag,
+    File(PathBuf),
+    Env,
+}
+
+#[derive(Debug, Clone)]
+pub struct RawValue {
+    pub values: Vec<String>,
+    pub origin: Origin,
+}
+
+/// Option key → raw text, after layering.
+#[derive(Debug, Default, Clone)]
+pub struct RawOptions {
+    map: BTreeMap<&'static str, RawValue>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid value for `{key}` ({origin}): {reason}")]
+    Invalid {
+        key: &'static str,
+        origin: String,
+        reason: String,
+    },
+    #[error(
+        "missing required option `{key}` (flag --{flag}, env ODOO_CDC_{env}, or `{key}` in the config file)"
+    )]
+    Missing {
+        key: &'static str,
+        flag: String,
+        env: String,
+    },
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+fn origin_text(key: &str, o: &Origin) -> String {
+    match o {
+        Origin::Flag => format!("from --{}", key.replace('_', "-")),
+        Origin::File(p) => format!("from `{key}` in {}", p.display()),
+        Origin::Env => format!("from ODOO_CDC_{}", key.to_ascii_uppercase()),
+    }
+}
+
+impl RawOptions {
+    /// Layers the sources: flags over file over environment.
+    pub fn layered(
+        flags: Vec<(&'static str, Vec<String>)>,
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw = RawOptions::default();
+        for (key, kind, _) in OPTIONS {
+            let name = format!("ODOO_CDC_{}", key.to_ascii_uppercase());
+            if let Some(v) = env(&name) {
+                let values = match kind {
+                    Kind::List => v
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect(),
+                    _ => vec![v],
+                };
+                raw.map.insert(
+                    key,
+                    RawValue {
+                        values,
+                        origin: Origin::Env,
+                    },
+                );
+            }
+        }
+        if let Some(path) = file {
+            for (key, values) in read_file(path)? {
+                raw.map.insert(
+                    key,
+                    RawValue {
+                        values,
+                        origin: Origin::File(path.to_path_buf()),
+                    },
+                );
+            }
+        }
+        for (key, values) in flags {
+            raw.map.insert(
+                key,
+                RawValue {
+                    values,
+                    origin: Origin::Flag,
+                },
+            );
+        }
+        Ok(raw)
+    }
+
+    fn get(&self, key: &'static str) -> Option<(&str, &RawValue)> {
+        self.map
+            .get(key)
+            .and_then(|r| r.values.first().map(|v| (v.as_str(), r)))
+    }
+
+    fn invalid(&self, key: &'static str, reason: impl Into<String>) -> ConfigError {
+        let origin = self
+            .map
+            .get(key)
+            .map(|r| origin_text(key, &r.origin))
+            .unwrap_or_else(|| "default".into());
+        ConfigError::Invalid {
+            key,
+            origin,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn string(&self, key: &'static str) -> Option<String> {
+        self.get(key).map(|(v, _)| v.to_string())
+    }
+
+    pub fn list(&self, key: &'static str) -> Vec<String> {
+        self.map
+            .get(key)
+            .map(|r| r.values.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn required(&self, key: &'static str) -> Result<String, ConfigError> {
+        self.string(key).ok_or_else(|| ConfigError::Missing {
+            key,
+            flag: key.replace('_', "-"),
+            env: key.to_ascii_uppercase(),
+        })
+    }
+
+    pub fn flag(&self, key: &'static str) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(false),
+            Some((v, _)) => match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" | "" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                other => Err(self.invalid(key, format!("expected true or false, got {other:?}"))),
+            },
+        }
+    }
+
+    pub fn number<T: std::str::FromStr>(
+        &self,
+        key: &'static str,
+        default: T,
+        min: T,
+    ) -> Result<T, ConfigError>
+    where
+        T: PartialOrd + std::fmt::Display + Copy,
+    {
+        match self.get(key) {
+            None => Ok(default),
+            Some((v, _)) => {
+                let n: T = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| self.invalid(key, format!("expected a number, got {v:?}")))?;
+                if n < min {
+                    return Err(self.invalid(key, format!("must be at least {min}, got {n}")));
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    pub fn choice<T: Copy>(
+        &self,
+        key: &'static str,
+        default: T,
+        choices: &[(&str, T)],
+    ) -> Result<T, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some((v, _)) => choices
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(v.trim()))
+                .map(|(_, t)| *t)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+                    self.invalid(
+                        key,
+                        format!("expected one of {}, got {v:?}", names.join("|")),
+                    )
+                }),
+        }
+    }
+}
+
+/// Reads a TOML config file into raw option values; unknown keys are errors
+/// (a typo must not silently fall back to a default).
+fn read_file(path: &Path) -> Result<Vec<(&'static str, Vec<String>)>, ConfigError> {
+    let err = |reason: String| ConfigError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| err(e.to_string()))?;
+    let mut out = Vec::new();
+    for (k, v) in table {
+        let Some((key, kind, _)) = OPTIONS
+            .iter()
+            .find(|(name, _, _)| *name == k.replace('-', "_"))
+        else {
+            return Err(err(format!("unknown key `{k}`")));
+        };
+        let scalar = |v: &toml::Value| -> Result<String, ConfigError> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                toml::Value::Boolean(b) => Ok(b.to_string()),
+                other => Err(err(format!(
+                    "`{k}` must be a string, number or boolean, not {}",
+                    other.type_str()
+                ))),
+            }
+        };
+        let values = match (kind, &v) {
+            (Kind::List, toml::Value::Array(items)) => {
+                items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?
+            }
+            (_, v) => vec![scalar(v)?],
+        };
+        out.push((*key, values));
+    }
+    Ok(out)
+}
+
+/// The AMQP URL, whose Debug output hides the password.
+#[derive(Clone)]
+pub struct AmqpUrl(Secret);
+
+impl AmqpUrl {
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(self.0.expose())
+    }
+}
+
+impl std::fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `scheme://user:***@host/...` for any URL with credentials.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((creds, host)) = rest.rsplit_once('@') {
+            let user = creds.split(':').next().unwrap_or("");
+            return format!("{scheme}://{user}:***@{host}");
+        }
+    }
+    url.to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unroutable {
+    Fail,
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    Classic,
+    Quorum,
+    Stream,
+}
+
+/// Validated settings shared by `tail` and `run`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub source: PgConfig,
+    pub slot: String,
+    pub publication: String,
+    pub create_slot: bool,
+    pub temporary: bool,
+    pub create_publication: bool,
+    pub granularity: Granularity,
+    pub format: Format,
+    pub routing: Routing,
+    pub window: usize,
+    pub max_events_per_message: usize,
+    pub stream_memory: usize,
+    pub spill_dir: Option<PathBuf>,
+    pub status_interval: Duration,
+    pub confirm_timeout: Duration,
+    pub streaming: bool,
+    pub metrics_addr: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub amqp: Option<AmqpUrl>,
+    pub exchange: String,
+    pub declare_exchange: bool,
+    pub queue: Option<String>,
+    pub queue_type: QueueType,
+    pub queue_bindings: Vec<String>,
+    pub unroutable: Unroutable,
+}
+
+/// Postgres' rule for slot names.
+pub fn validate_slot_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("must be 1 to 63 characters".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(format!(
+            "{name:?} may contain only lower-case letters, digits and underscores"
+        ));
+    }
+    Ok(())
+}
+
+impl Settings {
+    pub fn from_raw(raw: &RawOptions) -> Result<Self, ConfigError> {
+        let source_text = raw.required("source")?;
+        let source: PgConfig =
+            source_text
+                .parse()
+                .map_err(|e: crate::replication::config::ConfigError| {
+                    raw.invalid("source", e.to_string())
+                })?;
+        let slot = raw.string("slot").unwrap_or_else(|| "odoo_cdc".into());
+        validate_slot_name(&slot).map_err(|e| raw.invalid("slot", e))?;
+        let publication = raw
+            .string("publication")
+            .unwrap_or_else(|| "odoo_cdc".into());
+        if publication.split(',').any(|p| p.trim().is_empty()) {
+            return Err(raw.invalid("publication", "empty publication name"));
+        }
+        let prefix = raw
+            .string("routing_prefix")
+            .unwrap_or_else(|| source.dbname.clone());
+        if prefix.is_empty() {
+            return Err(raw.invalid("routing_prefix", "must not be empty"));
+        }
+        let template = raw.string("routing_template");
+        if let Some(t) = &template {
+            Routing::validate_template(t).map_err(|e| raw.invalid("routing_template", e))?;
+        }
+        let amqp = match raw.string("amqp") {
+            None => None,
+            Some(u) => {
+                if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
+                    return Err(raw.invalid(
+                        "amqp",
+                        format!(
+                            "expected an amqp:// or amqps:// URL, got {}",
+                            redact_url(&u)
+                        ),
+                    ));
+                }
+                Some(AmqpUrl(Secret::from(u)))
+            }
+        };
+        let metrics_addr = match raw.string("metrics_addr") {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                raw.invalid(
+                    "metrics_addr",
+                    format!("expected HOST:PORT like 127.0.0.1:9187, got {a:?}"),
+                )
+            })?),
+        };
+        let queue_bindings = raw.list("queue_binding");
+        Ok(Settings {
+            slot,
+            publication,
+            create_slot: raw.flag("create_slot")?,
+            temporary: raw.flag("temporary")?,
+            create_publication: raw.flag("create_publication")?,
+            granularity: raw.choice(
+                "granularity",
+                Granularity::Row,
+                &[
+                    ("row", Granularity::Row),
+                    ("transaction", Granularity::Transaction),
+                ],
+            )?,
+            format: raw.choice(
+                "format",
+                Format::Json,
+                &[("json", Format::Json), ("protobuf", Format::Protobuf)],
+            )?,
+            queue_bindings: if queue_bindings.is_empty() {
+                vec![format!("{prefix}.#")]
+            } else {
+                queue_bindings
+            },
+            routing: Routing::new(prefix, template),
+            window: raw.number("window", 2048usize, 1)?,
+            max_events_per_message: raw.number("max_events_per_message", 1000usize, 1)?,
+            stream_memory: raw.number("stream_memory_mb", 64usize, 1)? * 1024 * 1024,
+            spill_dir: raw.string("spill_dir").map(PathBuf::from),
+            status_interval: Duration::from_secs(raw.number("status_interval_secs", 10u64, 1)?),
+            confirm_timeout: Duration::from_secs(raw.number("confirm_timeout_secs", 30u64, 1)?),
+            streaming: !raw.flag("no_streaming")?,
+            metrics_addr,
+            log_format: raw.choice(
+                "log_format",
+                LogFormat::Text,
+                &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            )?,
+            amqp,
+            exchange: raw.string("exchange").unwrap_or_else(|| "odoo.cdc".into()),
+            declare_exchange: !raw.flag("no_declare")?,
+            queue: raw.string("queue"),
+            queue_type: raw.choice(
+                "queue_type",
+                QueueType::Quorum,
+                &[
+                    ("classic", QueueType::Classic),
+                    ("quorum", QueueType::Quorum),
+                    ("stream", QueueType::Stream),
+                ],
+            )?,
+            unroutable: raw.choice(
+                "unroutable",
+                Unroutable::Fail,
+                &[("fail", Unroutable::Fail), ("drop", Unroutable::Drop)],
+            )?,
+            source,
+        })
+    }
+
+    /// The replication session's settings.
+    pub fn session(&self) -> crate::pipeline::SessionConfig {
+        let mut s = crate::pipeline::SessionConfig::new(
+            self.source.clone(),
+            self.slot.clone(),
+            self.publication.clone(),
+        );
+        s.create_slot = self.create_slot;
+        s.temporary_slot = self.temporary;
+        s.create_publication = self.create_publication;
+        s.streaming = self.streaming;
+        s.granularity = self.granularity;
+        s.format = self.format;
+        s.routing = self.routing.clone();
+        s.window = self.window;
+        s.stream_mem_budget = self.stream_memory;
+        s.spill_dir = self.spill_dir.clone();
+        s.status_interval = self.status_interval;
+        s.max_events_per_message = self.max_events_per_message;
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(
+        flags: Vec<(&'static str, &str)>,
+        file: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<RawOptions, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        if let Some(f) = file {
+            std::fs::write(&path, f).unwrap();
+        }
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        RawOptions::layered(
+            flags
+                .into_iter()
+                .map(|(k, v)| (k, vec![v.to_string()]))
+                .collect(),
+            file.map(|_| path.as_path()),
+            |k| env.get(k).cloned(),
+        )
+    }
+
+    #[test]
+    fn flags_beat_file_beat_env() {
+        let r = raw(
+            vec![("slot", "from_flag")],
+            Some("slot = \"from_file\"\nwindow = 10\nsource = \"postgres://u@h/db\"\n"),
+            &[
+                ("ODOO_CDC_SLOT", "from_env"),
+                ("ODOO_CDC_WINDOW", "20"),
+                ("ODOO_CDC_EXCHANGE", "ex_env"),
+            ],
+        )
+        .unwrap();
+        let s = Settings::from_raw(&r).unwrap();
+        assert_eq!(s.slot, "from_flag");
+        assert_eq!(s.window, 10);
+        assert_eq!(s.exchange, "ex_env");
+        assert_eq!(s.routing.prefix, "db");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_origin() {
+        let r = raw(
+            vec![],
+            None,
+            &[
+                ("ODOO_CDC_SOURCE", "postgres://u@h/db"),
+                ("ODOO_CDC_WINDOW", "lots"),
+            ],
+        )
+        .unwrap();
+        let e = Settings::from_raw(&r).unwrap_err().to_string();
+        assert!(
+            e.contains("`window`") && e.contains("ODOO_CDC_WINDOW"),
+            "{e}"
+        );
+
+        let r = raw(
+            vec![("source", "postgres://u@h/db"), ("granularity", "txn")],
+            None,
+            &[],
+        )
+        .unwrap();
+        let e = Settings::from_raw(&r).unwrap_err().to_string();
+        assert!(
+            e.contains("`granularity`")
+                && e.contains("--granularity")
+                && e.contains("row|transaction"),
+            "{e}"
+        );
+
+        let e = raw(vec![], Some("windw = 3\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `windw`"), "{e}");
+
+        let r = raw(vec![], None, &[]).unwrap();
+        let e = Settings::from_raw(&r).unwrap_err().to_string();
+        assert!(
+            e.contains("`source`") && e.contains("ODOO_CDC_SOURCE"),
+            "{e}"
+        );
+
+        let r = raw(
+            vec![("source", "postgres://u@h/db"), ("slot", "Bad-Name")],
+            None,
+            &[],
+        )
+        .unwrap();
+        assert!(
+            Settings::from_raw(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("`slot`")
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let u = AmqpUrl(Secret::from(
+            "amqp://guest:hunter2@host:5672/%2f".to_string(),
+        ));
+        let shown = format!("{u:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("guest:***@host"));
+    }
+}

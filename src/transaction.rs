@@ -1,0 +1,680 @@
+//! Turning the pgoutput message stream into committed transactions of events.
+//!
+//! Two shapes of transaction arrive:
+//! - **Ordinary**: `Begin` .. changes .. `Commit`, sent only once the
+//!   transaction committed. Events are emitted as they arrive (nothing is
+//!   buffered), so memory does not grow with transaction size.
+//! - **Streamed** (protocol v2+, `streaming 'on'`): chunks between `Stream Start`
+//!   and `Stream Stop`, interleaved with other transactions, before the outcome
+//!   is known. They are buffered per xid with a memory budget ([`crate::spill`])
+//!   and emitted on `Stream Commit`, or dropped on `Stream Abort` (a whole
+//!   transaction or one subtransaction).
+//!
+//! The assembler is a pull-style state machine with no I/O of its own (except
+//! spill files): feed it one WAL message with [`Assembler::push`], then drain
+//! [`Assembler::next`] until it returns `None`. Draining a streamed commit reads
+//! its buffer record by record, so a million-row transaction is never
+//! materialised.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::event::{ChangeEvent, LogicalMessage, Op, TableInfo};
+use crate::lsn::Lsn;
+use crate::pgoutput::{self, DecodeContext, DecodeError, Message, RelationBody};
+use crate::schema::{Column, Relation, RelationCache, ReplicaIdentity, SchemaError};
+use crate::spill::{Replay, SpillError, StreamBuffer};
+use crate::value::TypeKind;
+
+/// Prefix of the `pg_logical_emit_message` heartbeats the connector writes so an
+/// idle slot still advances. They are consumed here, never published.
+pub const HEARTBEAT_PREFIX: &str = "odoo-cdc.heartbeat";
+
+/// What the assembler hands to the sink stage, in order.
+#[derive(Debug)]
+pub enum Output {
+    /// A transaction starts (useful to the transaction-granularity encoder).
+    Begin {
+        xid: u32,
+        commit_lsn: Lsn,
+        commit_ts: i64,
+    },
+    Event(ChangeEvent),
+    /// A transaction ends; once everything before is confirmed, `end_lsn` is safe.
+    Commit {
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts: i64,
+    },
+    /// A position with no event that is safe once everything before is
+    /// confirmed (a heartbeat or a message that is not published).
+    Progress(Lsn),
+}
+
+/// Decides, once per Relation message, how a table is captured.
+pub trait TableDescriber: Send {
+    fn describe(&mut self, relation: Arc<Relation>) -> TableInfo;
+}
+
+/// Captures every table the publication sends, as-is.
+pub struct PlainTables;
+
+impl TableDescriber for PlainTables {
+    fn describe(&mut self, relation: Arc<Relation>) -> TableInfo {
+        TableInfo::plain(relation)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error("undecodable pgoutput message at LSN {lsn}: {source}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("at LSN {lsn}: {source}")]
+    Schema {
+        lsn: Lsn,
+        #[source]
+        source: SchemaError,
+    },
+    #[error("protocol violation at LSN {lsn}: {what}")]
+    Protocol { lsn: Lsn, what: String },
+    #[error(transparent)]
+    Spill(#[from] SpillError),
+}
+
+struct OpenTxn {
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_ts: i64,
+    next_seq: u32,
+}
+
+struct ActiveReplay {
+    replay: Replay,
+    xid: u32,
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+    commit_ts: i64,
+    next_seq: u32,
+}
+
+pub struct Assembler {
+    cache: RelationCache,
+    tables: HashMap<u32, Arc<TableInfo>>,
+    describer: Box<dyn TableDescriber>,
+    /// Inside `Stream Start` .. `Stream Stop`: the streamed top-level xid.
+    in_stream: Option<u32>,
+    open: Option<OpenTxn>,
+    streams: HashMap<u32, StreamBuffer>,
+    replay: Option<ActiveReplay>,
+    ready: VecDeque<Output>,
+    mem_budget: usize,
+    spill_dir: Option<PathBuf>,
+}
+
+impl Assembler {
+    /// `mem_budget` bounds the bytes held in memory for all streamed
+    /// transactions together; past it the buffer being appended to spills.
+    pub fn new(
+        describer: Box<dyn TableDescriber>,
+        mem_budget: usize,
+        spill_dir: Option<PathBuf>,
+    ) -> Self {
+        Assembler {
+            cache: RelationCache::default(),
+            tables: HashMap::new(),
+            describer,
+            in_stream: None,
+            open: None,
+            streams: HashMap::new(),
+            replay: None,
+            ready: VecDeque::new(),
+            mem_budget,
+            spill_dir,
+        }
+    }
+
+    /// Between `Begin` and `Commit` of an ordinary transaction. A keepalive's WAL
+    /// end must not be reported as safe then: it can be past this transaction's
+    /// commit record, which would skip the transaction on restart.
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some() || self.replay.is_some() || !self.ready.is_empty()
+    }
+
+    /// Streamed transactions still waiting for their outcome, and how many bytes
+    /// of them are in memory.
+    pub fn buffered(&self) -> (usize, usize) {
+        (
+            self.streams.len(),
+            self.streams.values().map(|s| s.mem_bytes()).sum(),
+        )
+    }
+
+    /// The table description currently in force for a relation OID.
+    pub fn table(&self, oid: u32) -> Option<&Arc<TableInfo>> {
+        self.tables.get(&oid)
+    }
+
+    /// Feeds one XLogData payload. Drain [`Assembler::next`] before the next push.
+    pub fn push(&mut self, lsn: Lsn, body: &Bytes) -> Result<(), AssembleError> {
+        debug_assert!(self.ready.is_empty() && self.replay.is_none());
+        let ctx = DecodeContext {
+            in_stream: self.in_stream.is_some(),
+            parallel_stream_abort: false,
+        };
+        let msg =
+            pgoutput::decode(body, ctx).map_err(|source| AssembleError::Decode { lsn, source })?;
+        let proto = |what: String| AssembleError::Protocol { lsn, what };
+
+        // Inside a stream block, changes are buffered, not emitted.
+        if let Some(top_xid) = self.in_stream {
+            return self.push_streamed(top_xid, lsn, body, msg);
+        }
+
+        match msg {
+            Message::Begin {
+                final_lsn,
+                commit_ts,
+                xid,
+            } => {
+                if self.open.is_some() {
+                    return Err(proto(format!(
+                        "Begin of xid {xid} inside an open transaction"
+                    )));
+                }
+                self.open = Some(OpenTxn {
+                    xid,
+                    commit_lsn: final_lsn,
+                    commit_ts,
+                    next_seq: 0,
+                });
+                self.ready.push_back(Output::Begin {
+                    xid,
+                    commit_lsn: final_lsn,
+                    commit_ts,
+                });
+            }
+            Message::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_ts,
+                ..
+            } => {
+                let open = self
+                    .open
+                    .take()
+                    .ok_or_else(|| proto("Commit without Begin".into()))?;
+                if open.commit_lsn != commit_lsn {
+                    return Err(proto(format!(
+                        "Commit LSN {commit_lsn} differs from the Begin's final LSN {}",
+                        open.commit_lsn
+                    )));
+                }
+                self.ready.push_back(Output::Commit {
+                    xid: open.xid,
+                    commit_lsn,
+                    end_lsn,
+                    commit_ts,
+                });
+            }
+            Message::Origin { .. } => {}
+            Message::Relation(body) => self.apply_relation(body),
+            Message::Type {
+                oid,
+                namespace,
+                name,
+                ..
+            } => self.cache.upsert_type(oid, namespace, name),
+            Message::Insert { .. }
+            | Message::Update { .. }
+            | Message::Delete { .. }
+            | Message::Truncate { .. } => {
+                let open = self
+                    .open
+                    .as_ref()
+                    .ok_or_else(|| proto("a row change outside of a transaction".into()))?;
+                let (xid, commit_lsn, commit_ts) = (open.xid, open.commit_lsn, open.commit_ts);
+                let first_seq = open.next_seq;
+                let tables = self.tables_of(&msg, lsn)?;
+                let n = emit_changes(
+                    msg,
+                    tables,
+                    lsn,
+                    xid,
+                    commit_lsn,
+                    commit_ts,
+                    first_seq,
+                    &mut self.ready,
+                );
+                if let Some(open) = self.open.as_mut() {
+                    open.next_seq += n;
+                }
+            }
+            Message::LogicalMessage {
+                transactional,
+                lsn: msg_lsn,
+                prefix,
+                content,
+                ..
+            } => {
+                if transactional {
+                    let open = self.open.as_mut().ok_or_else(|| {
+                        proto("a transactional message outside of a transaction".into())
+                    })?;
+                    let seq = open.next_seq;
+                    open.next_seq += 1;
+                    if prefix != HEARTBEAT_PREFIX {
+                        self.ready.push_back(Output::Event(message_event(
+                            msg_lsn,
+                            open.xid,
+                            open.commit_lsn,
+                            open.commit_ts,
+                            seq,
+                            true,
+                            prefix,
+                            content,
+                        )));
+                    }
+                } else if prefix == HEARTBEAT_PREFIX {
+                    // Decoding skips records before the restart point, so one
+                    // past the message's own LSN is safe once earlier work is.
+                    self.ready.push_back(Output::Progress(Lsn(msg_lsn.0 + 1)));
+                } else {
+                    // A non-transactional message stands alone: its own LSN is
+                    // its "commit", so its id is `<lsn>-00000000`.
+                    self.ready.push_back(Output::Event(message_event(
+                        msg_lsn, 0, msg_lsn, 0, 0, false, prefix, content,
+                    )));
+                    self.ready.push_back(Output::Progress(Lsn(msg_lsn.0 + 1)));
+                }
+            }
+            Message::StreamStart { xid, .. } => {
+                if self.open.is_some() {
+                    return Err(proto(format!(
+                        "Stream Start of xid {xid} inside an open transaction"
+                    )));
+                }
+                self.in_stream = Some(xid);
+                let dir = self.spill_dir.clone();
+                self.streams
+                    .entry(xid)
+                    .or_insert_with(|| StreamBuffer::new(xid, dir));
+            }
+            Message::StreamStop => {
+                return Err(proto("Stream Stop outside of a stream block".into()));
+            }
+            Message::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_ts,
+                ..
+            } => {
+                // A transaction may be streamed with zero buffered changes (all of
+                // them filtered by the publication): it still commits.
+                let buffer = self
+                    .streams
+                    .remove(&xid)
+                    .unwrap_or_else(|| StreamBuffer::new(xid, None));
+                self.ready.push_back(Output::Begin {
+                    xid,
+                    commit_lsn,
+                    commit_ts,
+                });
+                self.replay = Some(ActiveReplay {
+                    replay: buffer.into_replay()?,
+                    xid,
+                    commit_lsn,
+                    end_lsn,
+                    commit_ts,
+                    next_seq: 0,
+                });
+            }
+            Message::StreamAbort { xid, subxid, .. } => {
+                if xid == subxid {
+                    self.streams.remove(&xid);
+                } else if let Some(buf) = self.streams.get_mut(&xid) {
+                    buf.abort_subxact(subxid);
+                }
+            }
+            Message::BeginPrepare { xid, .. }
+            | Message::Prepare { xid, .. }
+            | Message::CommitPrepared { xid, .. }
+            | Message::RollbackPrepared { xid, .. }
+            | Message::StreamPrepare { xid, .. } => {
+                return Err(proto(format!(
+                    "two-phase message for xid {xid}, but two_phase was not requested"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn push_streamed(
+        &mut self,
+        top_xid: u32,
+        lsn: Lsn,
+        body: &Bytes,
+        msg: Message,
+    ) -> Result<(), AssembleError> {
+        let proto = |what: String| AssembleError::Protocol { lsn, what };
+        match msg {
+            Message::StreamStop => {
+                self.in_stream = None;
+            }
+            Message::Relation(body) => self.apply_relation(body),
+            Message::Type {
+                oid,
+                namespace,
+                name,
+                ..
+            } => self.cache.upsert_type(oid, namespace, name),
+            Message::Insert { xid, .. }
+            | Message::Update { xid, .. }
+            | Message::Delete { xid, .. }
+            | Message::Truncate { xid, .. }
+            | Message::LogicalMessage { xid, .. } => {
+                if let Message::LogicalMessage {
+                    transactional: false,
+                    ..
+                } = msg
+                {
+                    return Err(proto(
+                        "a non-transactional message inside a stream block".into(),
+                    ));
+                }
+                let tables = self.tables_of(&msg, lsn)?;
+                let subxid = xid.unwrap_or(top_xid);
+                let budget = self.mem_budget;
+                let total_mem: usize = self.streams.values().map(|s| s.mem_bytes()).sum();
+                let buf = self
+                    .streams
+                    .get_mut(&top_xid)
+                    .ok_or_else(|| proto(format!("change for unknown stream {top_xid}")))?;
+                buf.push(subxid, lsn, &tables, body)?;
+                if total_mem + body.len() > budget && !buf.is_spilled() {
+                    buf.spill()?;
+                }
+            }
+            other => {
+                return Err(proto(format!(
+                    "unexpected message inside the stream block of xid {top_xid}: {}",
+                    message_name(&other)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next output, or `None` when everything from the last push is out.
+    pub fn next(&mut self) -> Result<Option<Output>, AssembleError> {
+        if let Some(out) = self.ready.pop_front() {
+            return Ok(Some(out));
+        }
+        let Some(active) = self.replay.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            match active.replay.next_record()? {
+                None => {
+                    let done = self.replay.take().map(|a| Output::Commit {
+                        xid: a.xid,
+                        commit_lsn: a.commit_lsn,
+                        end_lsn: a.end_lsn,
+                        commit_ts: a.commit_ts,
+                    });
+                    return Ok(done);
+                }
+                Some(rec) => {
+                    let ctx = DecodeContext {
+                        in_stream: true,
+                        parallel_stream_abort: false,
+                    };
+                    let msg = pgoutput::decode(&rec.body, ctx).map_err(|source| {
+                        AssembleError::Decode {
+                            lsn: rec.lsn,
+                            source,
+                        }
+                    })?;
+                    let seq = active.next_seq;
+                    if let Message::LogicalMessage {
+                        lsn: msg_lsn,
+                        prefix,
+                        content,
+                        ..
+                    } = msg
+                    {
+                        active.next_seq += 1;
+                        if prefix == HEARTBEAT_PREFIX {
+                            continue;
+                        }
+                        return Ok(Some(Output::Event(message_event(
+                            msg_lsn,
+                            active.xid,
+                            active.commit_lsn,
+                            active.commit_ts,
+                            seq,
+                            true,
+                            prefix,
+                            content,
+                        ))));
+                    }
+                    let n = emit_changes(
+                        msg,
+                        rec.tables,
+                        rec.lsn,
+                        active.xid,
+                        active.commit_lsn,
+                        active.commit_ts,
+                        seq,
+                        &mut self.ready,
+                    );
+                    active.next_seq += n;
+                    if let Some(out) = self.ready.pop_front() {
+                        return Ok(Some(out));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets everything tied to the current connection (reconnect): the server
+    /// resends from the confirmed LSN, including Relation messages.
+    pub fn reset(&mut self) {
+        self.in_stream = None;
+        self.open = None;
+        self.streams.clear();
+        self.replay = None;
+        self.ready.clear();
+    }
+
+    fn apply_relation(&mut self, body: RelationBody) {
+        let relation = relation_from_wire(body);
+        let shared = self.cache.upsert(relation);
+        let info = Arc::new(self.describer.describe(shared));
+        self.tables.insert(info.relation.oid, info);
+    }
+
+    /// The table descriptions a change refers to.
+    fn tables_of(&self, msg: &Message, lsn: Lsn) -> Result<Vec<Arc<TableInfo>>, AssembleError> {
+        let lookup = |oid: u32| {
+            self.tables.get(&oid).cloned().ok_or(AssembleError::Schema {
+                lsn,
+                source: SchemaError::UnknownRelation { oid },
+            })
+        };
+        Ok(match msg {
+            Message::Insert { relation_oid, .. }
+            | Message::Update { relation_oid, .. }
+            | Message::Delete { relation_oid, .. } => vec![lookup(*relation_oid)?],
+            Message::Truncate { relation_oids, .. } => relation_oids
+                .iter()
+                .map(|oid| lookup(*oid))
+                .collect::<Result<_, _>>()?,
+            _ => Vec::new(),
+        })
+    }
+}
+
+/// Turns one row-change message into events (one per truncated table for a
+/// truncate). Returns how many sequence numbers it used: every change counts,
+/// even those of excluded tables, so ids do not depend on filters.
+#[allow(clippy::too_many_arguments)]
+fn emit_changes(
+    msg: Message,
+    tables: Vec<Arc<TableInfo>>,
+    lsn: Lsn,
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_ts: i64,
+    first_seq: u32,
+    out: &mut VecDeque<Output>,
+) -> u32 {
+    let base = |op: Op, table: Arc<TableInfo>, seq: u32| ChangeEvent {
+        op,
+        table: Some(table),
+        lsn,
+        commit_lsn,
+        xid,
+        commit_ts,
+        seq,
+        snapshot: false,
+        old: None,
+        new: None,
+        truncate_options: 0,
+        message: None,
+    };
+    let mut push = |ev: ChangeEvent| {
+        if ev.table.as_ref().is_some_and(|t| t.included) {
+            out.push_back(Output::Event(ev));
+        }
+    };
+    match msg {
+        Message::Insert { new, .. } => {
+            let Some(t) = tables.into_iter().next() else {
+                return 1;
+            };
+            let mut ev = base(Op::Insert, t, first_seq);
+            ev.new = Some(new);
+            push(ev);
+            1
+        }
+        Message::Update { old, new, .. } => {
+            let Some(t) = tables.into_iter().next() else {
+                return 1;
+            };
+            let mut ev = base(Op::Update, t, first_seq);
+            ev.old = old;
+            ev.new = Some(new);
+            push(ev);
+            1
+        }
+        Message::Delete { old, .. } => {
+            let Some(t) = tables.into_iter().next() else {
+                return 1;
+            };
+            let mut ev = base(Op::Delete, t, first_seq);
+            ev.old = Some(old);
+            push(ev);
+            1
+        }
+        Message::Truncate { options, .. } => {
+            let n = tables.len() as u32;
+            for (i, t) in tables.into_iter().enumerate() {
+                let mut ev = base(Op::Truncate, t, first_seq + i as u32);
+                ev.truncate_options = options;
+                push(ev);
+            }
+            n.max(1)
+        }
+        _ => 0,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn message_event(
+    lsn: Lsn,
+    xid: u32,
+    commit_lsn: Lsn,
+    commit_ts: i64,
+    seq: u32,
+    transactional: bool,
+    prefix: String,
+    content: Bytes,
+) -> ChangeEvent {
+    ChangeEvent {
+        op: Op::Message,
+        table: None,
+        lsn,
+        commit_lsn,
+        xid,
+        commit_ts,
+        seq,
+        snapshot: false,
+        old: None,
+        new: None,
+        truncate_options: 0,
+        message: Some(LogicalMessage {
+            transactional,
+            prefix,
+            content,
+        }),
+    }
+}
+
+/// The relation cache's view of a Relation message.
+pub fn relation_from_wire(body: RelationBody) -> Relation {
+    Relation {
+        oid: body.oid,
+        schema: body.namespace,
+        table: body.name,
+        replica_identity: match body.replica_identity {
+            pgoutput::ReplicaIdentity::Default => ReplicaIdentity::Default,
+            pgoutput::ReplicaIdentity::Nothing => ReplicaIdentity::Nothing,
+            pgoutput::ReplicaIdentity::Full => ReplicaIdentity::Full,
+            pgoutput::ReplicaIdentity::Index => ReplicaIdentity::Index,
+        },
+        columns: body
+            .columns
+            .into_iter()
+            .map(|c| Column {
+                is_key: c.is_key(),
+                kind: TypeKind::from_oid(c.type_oid),
+                name: c.name,
+                type_oid: c.type_oid,
+                type_modifier: c.type_modifier,
+            })
+            .collect(),
+    }
+}
+
+fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::Begin { .. } => "Begin",
+        Message::Commit { .. } => "Commit",
+        Message::Origin { .. } => "Origin",
+        Message::Relation(_) => "Relation",
+        Message::Type { .. } => "Type",
+        Message::Insert { .. } => "Insert",
+        Message::Update { .. } => "Update",
+        Message::Delete { .. } => "Delete",
+        Message::Truncate { .. } => "Truncate",
+        Message::LogicalMessage { .. } => "Message",
+        Message::StreamStart { .. } => "Stream Start",
+        Message::StreamStop => "Stream Stop",
+        Message::StreamCommit { .. } => "Stream Commit",
+        Message::StreamAbort { .. } => "Stream Abort",
+        Message::BeginPrepare { .. } => "Begin Prepare",
+        Message::Prepare { .. } => "Prepare",
+        Message::CommitPrepared { .. } => "Commit Prepared",
+        Message::RollbackPrepared { .. } => "Rollback Prepared",
+        Message::StreamPrepare { .. } => "Stream Prepare",
+    }
+}
