@@ -437,7 +437,13 @@ impl<S: Sink> Publisher<S> {
             if !open && self.pending.is_empty() {
                 return Ok(());
             }
-            let can_take = open && self.checkpoint.in_flight() < self.window;
+            let mut can_take = open && self.checkpoint.in_flight() < self.window;
+            if !can_take && open && self.pending.is_empty() {
+                // The window is full of write-then-flush deliveries: make them
+                // durable to free it (a transaction larger than the window).
+                self.flush_pending_writes().await?;
+                can_take = self.checkpoint.in_flight() < self.window;
+            }
             tokio::select! {
                 biased;
                 Some((id, started, res)) = self.pending.next(), if !self.pending.is_empty() => {
