@@ -96,10 +96,9 @@ impl Checkpoint {
     /// Confirming an id twice, or one that was never registered, is a bug in the
     /// caller and is reported as an error rather than silently ignored.
     pub fn confirm(&mut self, id: DeliveryId) -> Result<Option<Lsn>, CheckpointError> {
-        let idx = id
-            .0
-            .checked_sub(self.head_id)
-            .ok_or(CheckpointError::UnknownDelivery(id.0))? as usize;
+        let idx =
+            id.0.checked_sub(self.head_id)
+                .ok_or(CheckpointError::UnknownDelivery(id.0))? as usize;
         match self.queue.get_mut(idx) {
             Some(Entry::Delivery { confirmed }) if !*confirmed => {
                 *confirmed = true;
@@ -131,7 +130,9 @@ impl Checkpoint {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("confirm for delivery {0}, which is not awaiting a confirm (already confirmed or never registered)")]
+    #[error(
+        "confirm for delivery {0}, which is not awaiting a confirm (already confirmed or never registered)"
+    )]
     UnknownDelivery(u64),
 }
 

@@ -18,8 +18,8 @@
 //! Needs a tokio runtime (lapin's default runtime and our timers).
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -71,6 +71,9 @@ pub struct RabbitSink {
     redacted_url: String,
     /// Logs blocked/unblocked and connection errors as the broker reports them.
     events: JoinHandle<()>,
+    /// The last connection error the broker reported, so that a publish
+    /// refused afterwards says why instead of only "invalid channel state".
+    last_error: Arc<Mutex<Option<String>>>,
 }
 
 impl RabbitSink {
@@ -131,7 +134,8 @@ impl RabbitSink {
             )
             .await?;
 
-        let events = spawn_event_logger(&connection, url.clone());
+        let last_error = Arc::default();
+        let events = spawn_event_logger(&connection, url.clone(), Arc::clone(&last_error));
         info!(
             url = %url,
             exchange = %cfg.exchange,
@@ -149,6 +153,7 @@ impl RabbitSink {
             counters: Arc::default(),
             redacted_url: url,
             events,
+            last_error,
         })
     }
 
@@ -254,6 +259,13 @@ impl RabbitSink {
                 Ok(Box::pin(std::future::ready(Ok(()))))
             }
             // Refused before any frame was queued: the channel or connection is gone.
+            Poll::Ready(Err(SinkError::Closed(reason))) => {
+                let cause = self.last_error.lock().ok().and_then(|e| e.clone());
+                Err(SinkError::Closed(match cause {
+                    Some(cause) if !reason.contains(&cause) => format!("{reason} (after: {cause})"),
+                    _ => reason,
+                }))
+            }
             Poll::Ready(Err(e)) => Err(e),
         }
     }
@@ -407,7 +419,11 @@ async fn declare_queue(
     Ok(())
 }
 
-fn spawn_event_logger(connection: &Connection, url: String) -> JoinHandle<()> {
+fn spawn_event_logger(
+    connection: &Connection,
+    url: String,
+    last_error: Arc<Mutex<Option<String>>>,
+) -> JoinHandle<()> {
     let mut events = Box::pin(connection.events_listener());
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
@@ -419,7 +435,12 @@ fn spawn_event_logger(connection: &Connection, url: String) -> JoinHandle<()> {
                 ),
                 Event::ConnectionUnblocked => info!(%url, "broker unblocked the connection"),
                 Event::SendFlow(active) => info!(%url, active, "broker changed channel flow"),
-                Event::Error(error) => warn!(%url, %error, "broker connection failed"),
+                Event::Error(error) => {
+                    warn!(%url, %error, "broker connection failed");
+                    if let Ok(mut slot) = last_error.lock() {
+                        *slot = Some(error.to_string());
+                    }
+                }
                 other => debug!(%url, event = ?other, "broker connection event"),
             }
         }
