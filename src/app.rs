@@ -44,7 +44,7 @@ pub async fn main(invocation: Invocation) -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Invocation::Run(_settings) => ExitCode::from(1),
+        Invocation::Run(settings) => crate::supervisor::run(settings, shutdown_signal()).await,
         Invocation::Check(settings) => crate::check::run(&settings).await,
         Invocation::Slot(action, settings) => slot_command(action, &settings).await,
     }

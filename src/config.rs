@@ -524,6 +524,8 @@ impl Settings {
                         ),
                     ));
                 }
+                crate::sink::rabbitmq::RabbitConfig::new(u.clone())
+                    .map_err(|e| raw.invalid("amqp", e.to_string()))?;
                 Some(AmqpUrl(Secret::from(u)))
             }
         };

@@ -659,6 +659,12 @@ impl<S: Sink> Publisher<S> {
         headers.insert("x-part".into(), HeaderValue::Int(i64::from(t.part)));
         headers.insert("x-parts-final".into(), HeaderValue::Bool(last));
         headers.insert("x-events".into(), HeaderValue::Int(i64::from(t.events)));
+        if self.format == Format::Protobuf {
+            headers.insert(
+                "x-protobuf-type".into(),
+                HeaderValue::Str(crate::protobuf::TRANSACTION_TYPE_NAME.into()),
+            );
+        }
         let msg = OutgoingMessage {
             routing_key: self.routing.transaction_key(),
             body: Bytes::from(body),

@@ -89,14 +89,23 @@ pub enum SinkError {
         during: &'static str,
         reason: String,
     },
+    /// The message cannot be expressed in AMQP (e.g. a routing key over 255
+    /// bytes); retrying would fail the same way.
+    #[error("message {message_id} cannot be published: {reason}")]
+    Invalid { message_id: String, reason: String },
     #[error("writing events failed: {0}")]
     Io(#[from] std::io::Error),
 }
 
 impl SinkError {
     /// Every sink failure is worth a reconnect, except a broker that refuses our
-    /// topology or credentials: that needs an operator.
+    /// topology or credentials, or a message AMQP cannot carry: that needs an
+    /// operator.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, SinkError::Connect { reason, .. } if reason.contains("ACCESS_REFUSED"))
+        match self {
+            SinkError::Connect { reason, .. } => !reason.contains("ACCESS_REFUSED"),
+            SinkError::Invalid { .. } => false,
+            _ => true,
+        }
     }
 }

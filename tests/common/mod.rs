@@ -154,7 +154,7 @@ impl Proc {
         cmd.args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .env("ODOO_CDC_LOG", "warn");
+            .env("ODOO_CDC_LOG", "warn,lapin=error");
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -261,4 +261,189 @@ fn unsafe_sigterm(pid: u32) {
 
 pub fn count_ops(events: &[serde_json::Value], op: &str) -> usize {
     events.iter().filter(|e| e["op"] == op).count()
+}
+
+/// A consumer on a fresh queue bound to an exchange, collecting (routing key,
+/// message id, headers, body) of every delivery, acknowledging as it goes.
+pub mod amqp {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use lapin::options::*;
+    use lapin::types::FieldTable;
+    use lapin::{Channel, Connection, ConnectionProperties};
+
+    #[derive(Debug, Clone)]
+    pub struct Got {
+        pub routing_key: String,
+        pub message_id: String,
+        pub content_type: String,
+        pub kind: String,
+        pub headers: Vec<(String, String)>,
+        pub body: Vec<u8>,
+        pub delivery_mode: Option<u8>,
+    }
+
+    impl Got {
+        pub fn json(&self) -> serde_json::Value {
+            serde_json::from_slice(&self.body).expect("JSON body")
+        }
+        pub fn header(&self, k: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    pub struct Consumer {
+        pub conn: Connection,
+        pub channel: Channel,
+        pub got: Arc<Mutex<Vec<Got>>>,
+        pub queue: String,
+    }
+
+    pub async fn channel() -> (Connection, Channel) {
+        let conn = tokio::time::timeout(
+            Duration::from_secs(20),
+            Connection::connect(&super::amqp_url(), ConnectionProperties::default()),
+        )
+        .await
+        .expect("amqp connect hung")
+        .expect("amqp connect");
+        let ch = conn.create_channel().await.expect("channel");
+        (conn, ch)
+    }
+
+    /// Declares `exchange` (topic, durable) and a queue bound with `binding`, and consumes it.
+    pub async fn consume(exchange: &str, queue: &str, binding: &str) -> Consumer {
+        let (conn, ch) = channel().await;
+        ch.exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange declare");
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue declare");
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        ch.basic_qos(1000, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        tokio::spawn(async move {
+            while let Some(d) = consumer.next().await {
+                let Ok(d) = d else { break };
+                let p = &d.properties;
+                let headers = p
+                    .headers()
+                    .as_ref()
+                    .map(|h| {
+                        h.inner()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), field_text(v)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                sink.lock().unwrap().push(Got {
+                    routing_key: d.routing_key.to_string(),
+                    message_id: p
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                    content_type: p
+                        .content_type()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                    kind: p.kind().as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                    headers,
+                    body: d.data.to_vec(),
+                    delivery_mode: *p.delivery_mode(),
+                });
+                let _ = d.ack(BasicAckOptions::default()).await;
+            }
+        });
+        Consumer {
+            conn,
+            channel: ch,
+            got,
+            queue: queue.to_string(),
+        }
+    }
+
+    fn field_text(v: &lapin::types::AMQPValue) -> String {
+        use lapin::types::AMQPValue::*;
+        match v {
+            LongString(s) => s.to_string(),
+            ShortString(s) => s.to_string(),
+            LongLongInt(i) => i.to_string(),
+            LongInt(i) => i.to_string(),
+            ShortInt(i) => i.to_string(),
+            Boolean(b) => b.to_string(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    impl Consumer {
+        pub fn snapshot(&self) -> Vec<Got> {
+            self.got.lock().unwrap().clone()
+        }
+        pub fn len(&self) -> usize {
+            self.got.lock().unwrap().len()
+        }
+        /// Waits until `done(&messages)` or the timeout; returns whether it held.
+        pub async fn wait_until(&self, timeout: Duration, done: impl Fn(&[Got]) -> bool) -> bool {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                if done(&self.got.lock().unwrap()) {
+                    return true;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        pub async fn delete(self) {
+            let _ = self
+                .channel
+                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = self.conn.close(200, "done".into()).await;
+        }
+    }
 }
