@@ -222,6 +222,8 @@ finish "$OUT_DIR/v2_stream.txt" "$OPTS_V2" "$TMP/v2_stream"
 {
   echo "$RAW_OUTPUT"
   cat <<'SQL'
+-- Ids 1..2500, whatever the earlier recordings left in the table.
+TRUNCATE sale_order_line RESTART IDENTITY;
 SELECT 1 FROM pg_create_logical_replication_slot('rec_bench', 'pgoutput', true) \g /dev/null
 -- 250 transactions of 10 rows, like Odoo confirming orders one by one.
 SELECT format($f$
