@@ -317,22 +317,18 @@ impl Connection {
     async fn start_copy_both(&mut self, sql: String) -> Result<(), ReplicationError> {
         const CONTEXT: &str = "starting replication";
         send_query(self, &sql).await?;
-        loop {
-            match self.recv(CONTEXT).await? {
-                Backend::CopyBothResponse => return Ok(()),
-                Backend::Error(e) => {
-                    // The server follows with ReadyForQuery; wait for it so the
-                    // error counts as a completed command.
-                    while !matches!(self.recv(CONTEXT).await?, Backend::ReadyForQuery) {}
-                    return Err(ReplicationError::Server(e));
-                }
-                other => {
-                    return Err(ReplicationError::Protocol(format!(
-                        "expected CopyBothResponse to START_REPLICATION, got {}",
-                        other.describe()
-                    )));
-                }
+        match self.recv(CONTEXT).await? {
+            Backend::CopyBothResponse => Ok(()),
+            Backend::Error(e) => {
+                // The server follows with ReadyForQuery; wait for it so the
+                // error counts as a completed command.
+                while !matches!(self.recv(CONTEXT).await?, Backend::ReadyForQuery) {}
+                Err(ReplicationError::Server(e))
             }
+            other => Err(ReplicationError::Protocol(format!(
+                "expected CopyBothResponse to START_REPLICATION, got {}",
+                other.describe()
+            ))),
         }
     }
 }
@@ -343,19 +339,16 @@ async fn send_query(conn: &mut Connection, sql: &str) -> Result<(), ReplicationE
     conn.writer.flush("sending a query").await
 }
 
-/// Reads to `ReadyForQuery` after authentication succeeded.
+/// Reads to `ReadyForQuery` after authentication succeeded (parameters and the
+/// cancel key in between are absorbed by `recv`).
 async fn wait_ready(conn: &mut Connection) -> Result<(), ReplicationError> {
-    loop {
-        match conn.recv("starting the session").await? {
-            Backend::ReadyForQuery => return Ok(()),
-            Backend::Error(e) => return Err(ReplicationError::Server(e)),
-            other => {
-                return Err(ReplicationError::Protocol(format!(
-                    "unexpected {} during session startup",
-                    other.describe()
-                )));
-            }
-        }
+    match conn.recv("starting the session").await? {
+        Backend::ReadyForQuery => Ok(()),
+        Backend::Error(e) => Err(ReplicationError::Server(e)),
+        other => Err(ReplicationError::Protocol(format!(
+            "unexpected {} during session startup",
+            other.describe()
+        ))),
     }
 }
 

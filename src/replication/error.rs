@@ -93,8 +93,21 @@ pub enum ReplicationError {
     )]
     Broken,
 
-    #[error("SQL connection: {0}")]
+    #[error("SQL connection: {}", error_chain(.0))]
     Sql(#[from] tokio_postgres::Error),
+}
+
+/// tokio-postgres' own message is only the error kind ("db error"); the useful
+/// part is in its sources.
+fn error_chain(e: &tokio_postgres::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 impl From<ServerError> for ReplicationError {

@@ -187,6 +187,32 @@ impl ReplicationStream {
     }
 }
 
+impl std::fmt::Debug for ReplicationStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationStream")
+            .field("reader", &self.reader)
+            .field("sender", &self.sender)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ReplicationReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationReader")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for StatusSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusSender")
+            .field("write_timeout", &self.write_timeout)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The receiving half of a replication stream.
 pub struct ReplicationReader {
     frames: FrameReader<ReadHalf<BoxStream>>,
