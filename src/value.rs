@@ -41,7 +41,13 @@
 //!   is not builtin and decode as [`TypeKind::Other`]: their text form as a string. That
 //!   includes a domain over, say, `int4`: it becomes a string, not a number, because nothing
 //!   in the protocol tells us the base type. Arrays of such types are strings too (the
-//!   whole array literal), for the same reason.
+//!   whole array literal), for the same reason. So is `box[]`, whose element delimiter is
+//!   `;` rather than `,`.
+//! - In a `json[]`/`jsonb[]`, a JSON `null` element and an SQL NULL element both become `null`.
+//! - `json` is passed through as Postgres accepted it, so it may hold duplicate keys or lone
+//!   `\uD800`-style escapes (both valid JSON syntax); `jsonb` never does.
+//! - On error the output buffer is left exactly as it was, so the caller can report and
+//!   stop (or skip) without cleaning up.
 
 use std::fmt;
 
@@ -361,7 +367,7 @@ type Res = Result<(), Reason>;
 enum Reason {
     Static(&'static str),
     /// An element of an array failed; already a complete error for the element.
-    Element(usize, ValueError),
+    Element(usize, Box<ValueError>),
 }
 
 impl From<&'static str> for Reason {
@@ -533,9 +539,51 @@ fn write_float(t: &[u8], out: &mut Vec<u8>) -> Res {
     Ok(())
 }
 
+/// What is wrong with a JSON text (or a float): one byte, so the scanners' results travel in
+/// registers on the hot path; turned into a message only on failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JsonErr {
+    Digit,
+    FractionDigit,
+    ExponentDigit,
+    End,
+    NotAValue,
+    Trailing,
+    CommaOrClose,
+    Key,
+    Colon,
+    Unterminated,
+    UnicodeEscape,
+    Escape,
+    Control,
+    Literal,
+}
+
+impl From<JsonErr> for Reason {
+    fn from(e: JsonErr) -> Reason {
+        Reason::Static(match e {
+            JsonErr::Digit => "expected a digit",
+            JsonErr::FractionDigit => "expected a digit after '.'",
+            JsonErr::ExponentDigit => "expected a digit in the exponent",
+            JsonErr::End => "unexpected end of JSON",
+            JsonErr::NotAValue => "unexpected character where a JSON value should be",
+            JsonErr::Trailing => "trailing characters after the JSON value",
+            JsonErr::CommaOrClose => "expected ',' or a closing bracket",
+            JsonErr::Key => "expected an object key",
+            JsonErr::Colon => "expected ':'",
+            JsonErr::Unterminated => "unterminated JSON string",
+            JsonErr::UnicodeEscape => "invalid \\u escape",
+            JsonErr::Escape => "invalid escape in JSON string",
+            JsonErr::Control => "unescaped control character in JSON string",
+            JsonErr::Literal => "invalid literal (expected true, false or null)",
+        })
+    }
+}
+
 /// Scan a JSON number (RFC 8259 grammar) starting at `i`; returns the index after it.
 /// float8out with extra_float_digits>0 prints exactly this grammar (`1e+30`, `-0`, `5e-324`).
-fn scan_json_number(s: &[u8], mut i: usize) -> Result<usize, Reason> {
+#[inline]
+fn scan_json_number(s: &[u8], mut i: usize) -> Result<usize, JsonErr> {
     if s.get(i) == Some(&b'-') {
         i += 1;
     }
@@ -547,12 +595,12 @@ fn scan_json_number(s: &[u8], mut i: usize) -> Result<usize, Reason> {
                 i += 1;
             }
         }
-        _ => return Err("expected a digit".into()),
+        _ => return Err(JsonErr::Digit),
     }
     if s.get(i) == Some(&b'.') {
         i += 1;
         if !s.get(i).is_some_and(u8::is_ascii_digit) {
-            return Err("expected a digit after '.'".into());
+            return Err(JsonErr::FractionDigit);
         }
         while s.get(i).is_some_and(u8::is_ascii_digit) {
             i += 1;
@@ -564,7 +612,7 @@ fn scan_json_number(s: &[u8], mut i: usize) -> Result<usize, Reason> {
             i += 1;
         }
         if !s.get(i).is_some_and(u8::is_ascii_digit) {
-            return Err("expected a digit in the exponent".into());
+            return Err(JsonErr::ExponentDigit);
         }
         while s.get(i).is_some_and(u8::is_ascii_digit) {
             i += 1;
@@ -679,50 +727,47 @@ fn write_embedded_json(t: &[u8], out: &mut Vec<u8>) -> Res {
     Ok(())
 }
 
-/// Nesting stack for the JSON checker: one bit per level (object or array), inline for the
-/// first 128 levels so typical documents do not allocate, unbounded beyond (Postgres accepts
-/// deep nesting and so must we).
+/// Nesting stack for the JSON checker: a shift register of one bit per level (1 = object),
+/// innermost level in bit 0, so typical documents never allocate; levels beyond 64 spill
+/// into `deep` (Postgres accepts deep nesting and so must we).
 struct NestStack {
     depth: usize,
-    bits: u128,
+    bits: u64,
     deep: Vec<bool>,
 }
 
 impl NestStack {
+    #[inline]
     fn push(&mut self, is_object: bool) {
-        if self.depth < 128 {
-            if is_object {
-                self.bits |= 1 << self.depth;
-            } else {
-                self.bits &= !(1 << self.depth);
-            }
-        } else {
-            self.deep.push(is_object);
+        if self.depth >= 64 {
+            self.deep.push(self.bits >> 63 != 0);
         }
+        self.bits = self.bits << 1 | u64::from(is_object);
         self.depth += 1;
     }
 
+    #[inline]
     fn pop(&mut self) {
+        self.bits >>= 1;
         self.depth -= 1;
-        if self.depth >= 128 {
-            self.deep.pop();
+        if self.depth >= 64
+            && let Some(spilled) = self.deep.pop()
+        {
+            self.bits |= u64::from(spilled) << 63;
         }
     }
 
     /// Whether the innermost open container is an object; `None` at top level.
+    #[inline]
     fn top(&self) -> Option<bool> {
-        match self.depth {
-            0 => None,
-            d if d <= 128 => Some(self.bits & (1 << (d - 1)) != 0),
-            _ => self.deep.last().copied(),
-        }
+        (self.depth > 0).then_some(self.bits & 1 != 0)
     }
 }
 
 /// Validate `s` (already known to be UTF-8) as one JSON text, the grammar Postgres' `json`
 /// type accepts (RFC 8259; lone `\uD800` escapes pass, as they do in Postgres' `json`).
 /// Returns whether it contains raw TAB/LF/CR whitespace.
-fn check_json(s: &[u8]) -> Result<bool, Reason> {
+fn check_json(s: &[u8]) -> Result<bool, JsonErr> {
     let mut raw_ws = false;
     let mut stack = NestStack {
         depth: 0,
@@ -734,7 +779,7 @@ fn check_json(s: &[u8]) -> Result<bool, Reason> {
     let mut i = skip_json_ws(s, 0, &mut raw_ws);
     'value: loop {
         let Some(&c) = s.get(i) else {
-            return Err("unexpected end of JSON".into());
+            return Err(JsonErr::End);
         };
         match c {
             b'{' => {
@@ -761,7 +806,7 @@ fn check_json(s: &[u8]) -> Result<bool, Reason> {
             b't' => i = expect_lit(s, i, b"true")?,
             b'f' => i = expect_lit(s, i, b"false")?,
             b'n' => i = expect_lit(s, i, b"null")?,
-            _ => return Err("unexpected character where a JSON value should be".into()),
+            _ => return Err(JsonErr::NotAValue),
         }
         // After a complete value: close containers until one wants another value.
         loop {
@@ -770,7 +815,7 @@ fn check_json(s: &[u8]) -> Result<bool, Reason> {
                 return if i == s.len() {
                     Ok(raw_ws)
                 } else {
-                    Err("trailing characters after the JSON value".into())
+                    Err(JsonErr::Trailing)
                 };
             };
             match (s.get(i), is_object) {
@@ -786,8 +831,8 @@ fn check_json(s: &[u8]) -> Result<bool, Reason> {
                     i += 1;
                     stack.pop();
                 }
-                (None, _) => return Err("unexpected end of JSON".into()),
-                _ => return Err("expected ',' or a closing bracket".into()),
+                (None, _) => return Err(JsonErr::End),
+                _ => return Err(JsonErr::CommaOrClose),
             }
         }
     }
@@ -808,48 +853,51 @@ fn skip_json_ws(s: &[u8], mut i: usize, raw_ws: &mut bool) -> usize {
 }
 
 /// `ws "key" ws : ws` from `i`; returns the index of the member's value.
-fn json_key(s: &[u8], i: usize, raw_ws: &mut bool) -> Result<usize, Reason> {
+#[inline]
+fn json_key(s: &[u8], i: usize, raw_ws: &mut bool) -> Result<usize, JsonErr> {
     let i = skip_json_ws(s, i, raw_ws);
     if s.get(i) != Some(&b'"') {
-        return Err("expected an object key".into());
+        return Err(JsonErr::Key);
     }
     let i = skip_json_ws(s, scan_json_string(s, i + 1)?, raw_ws);
     if s.get(i) != Some(&b':') {
-        return Err("expected ':'".into());
+        return Err(JsonErr::Colon);
     }
     Ok(skip_json_ws(s, i + 1, raw_ws))
 }
 
 /// Scan the rest of a JSON string whose opening quote is just before `i`; returns the index
 /// after the closing quote. The input is known to be UTF-8, so only ASCII needs checking.
-fn scan_json_string(s: &[u8], mut i: usize) -> Result<usize, Reason> {
+#[inline]
+fn scan_json_string(s: &[u8], mut i: usize) -> Result<usize, JsonErr> {
     loop {
         i = skip_plain(s, i);
         match s.get(i) {
-            None => return Err("unterminated JSON string".into()),
+            None => return Err(JsonErr::Unterminated),
             Some(b'"') => return Ok(i + 1),
             Some(b'\\') => match s.get(i + 1) {
                 Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
                 Some(b'u') => {
-                    let hex = s.get(i + 2..i + 6).ok_or("truncated \\u escape")?;
+                    let hex = s.get(i + 2..i + 6).ok_or(JsonErr::UnicodeEscape)?;
                     if !hex.iter().all(u8::is_ascii_hexdigit) {
-                        return Err("invalid \\u escape".into());
+                        return Err(JsonErr::UnicodeEscape);
                     }
                     i += 6;
                 }
-                _ => return Err("invalid escape in JSON string".into()),
+                _ => return Err(JsonErr::Escape),
             },
-            Some(&b) if b < 0x20 => return Err("unescaped control character in JSON string".into()),
+            Some(&b) if b < 0x20 => return Err(JsonErr::Control),
             Some(_) => i += 1,
         }
     }
 }
 
-fn expect_lit(s: &[u8], i: usize, lit: &'static [u8]) -> Result<usize, Reason> {
+#[inline]
+fn expect_lit(s: &[u8], i: usize, lit: &'static [u8]) -> Result<usize, JsonErr> {
     if s[i..].starts_with(lit) {
         Ok(i + lit.len())
     } else {
-        Err("invalid literal (expected true, false or null)".into())
+        Err(JsonErr::Literal)
     }
 }
 
@@ -1523,7 +1571,7 @@ impl ArrayParser<'_> {
         write_kind(self.elem, text, out).map_err(|r| {
             Reason::Element(
                 index,
-                ValueError::new(self.elem.name(), text, r.to_string()),
+                Box::new(ValueError::new(self.elem.name(), text, r.to_string())),
             )
         })
     }
@@ -1804,6 +1852,32 @@ mod tests {
         }
         let deep_bad = format!("{}{}", "[".repeat(200), "]".repeat(199));
         err(&k, &deep_bad);
+        // Mixed containers across the inline/spilled boundary of the nesting stack.
+        let (mut open, mut close) = (String::new(), String::new());
+        for level in 0..300 {
+            if level % 3 == 0 {
+                open.push_str(r#"{"k":"#);
+                close.insert(0, '}');
+            } else {
+                open.push('[');
+                close.insert_str(0, ",1]");
+            }
+        }
+        let mixed = format!("{open}0{close}");
+        assert_eq!(ok(&k, &mixed), mixed);
+        for wrong_at in [5, 63, 64, 65, 130, 250] {
+            // Swap one closer for the other kind: must be rejected at any depth.
+            let mut bad = close.clone().into_bytes();
+            let pos = bad
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| matches!(b, b'}' | b']'))
+                .nth(wrong_at)
+                .unwrap()
+                .0;
+            bad[pos] = if bad[pos] == b'}' { b']' } else { b'}' };
+            err(&k, &format!("{open}0{}", String::from_utf8(bad).unwrap()));
+        }
     }
 
     #[test]
