@@ -41,7 +41,13 @@
 //!   is not builtin and decode as [`TypeKind::Other`]: their text form as a string. That
 //!   includes a domain over, say, `int4`: it becomes a string, not a number, because nothing
 //!   in the protocol tells us the base type. Arrays of such types are strings too (the
-//!   whole array literal), for the same reason.
+//!   whole array literal), for the same reason. So is `box[]`, whose element delimiter is
+//!   `;` rather than `,`.
+//! - In a `json[]`/`jsonb[]`, a JSON `null` element and an SQL NULL element both become `null`.
+//! - `json` is passed through as Postgres accepted it, so it may hold duplicate keys or lone
+//!   `\uD800`-style escapes (both valid JSON syntax); `jsonb` never does.
+//! - On error the output buffer is left exactly as it was, so the caller can report and
+//!   stop (or skip) without cleaning up.
 
 use std::fmt;
 
@@ -361,7 +367,7 @@ type Res = Result<(), Reason>;
 enum Reason {
     Static(&'static str),
     /// An element of an array failed; already a complete error for the element.
-    Element(usize, ValueError),
+    Element(usize, Box<ValueError>),
 }
 
 impl From<&'static str> for Reason {
@@ -533,9 +539,51 @@ fn write_float(t: &[u8], out: &mut Vec<u8>) -> Res {
     Ok(())
 }
 
+/// What is wrong with a JSON text (or a float): one byte, so the scanners' results travel in
+/// registers on the hot path; turned into a message only on failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JsonErr {
+    Digit,
+    FractionDigit,
+    ExponentDigit,
+    End,
+    NotAValue,
+    Trailing,
+    CommaOrClose,
+    Key,
+    Colon,
+    Unterminated,
+    UnicodeEscape,
+    Escape,
+    Control,
+    Literal,
+}
+
+impl From<JsonErr> for Reason {
+    fn from(e: JsonErr) -> Reason {
+        Reason::Static(match e {
+            JsonErr::Digit => "expected a digit",
+            JsonErr::FractionDigit => "expected a digit after '.'",
+            JsonErr::ExponentDigit => "expected a digit in the exponent",
+            JsonErr::End => "unexpected end of JSON",
+            JsonErr::NotAValue => "unexpected character where a JSON value should be",
+            JsonErr::Trailing => "trailing characters after the JSON value",
+            JsonErr::CommaOrClose => "expected ',' or a closing bracket",
+            JsonErr::Key => "expected an object key",
+            JsonErr::Colon => "expected ':'",
+            JsonErr::Unterminated => "unterminated JSON string",
+            JsonErr::UnicodeEscape => "invalid \\u escape",
+            JsonErr::Escape => "invalid escape in JSON string",
+            JsonErr::Control => "unescaped control character in JSON string",
+            JsonErr::Literal => "invalid literal (expected true, false or null)",
+        })
+    }
+}
+
 /// Scan a JSON number (RFC 8259 grammar) starting at `i`; returns the index after it.
 /// float8out with extra_float_digits>0 prints exactly this grammar (`1e+30`, `-0`, `5e-324`).
-fn scan_json_number(s: &[u8], mut i: usize) -> Result<usize, Reason> {
+#[inline]
+fn scan_json_number(s: &[u8], mut i: usize) -> Result<usize, JsonErr> {
     if s.get(i) == Some(&b'-') {
         i += 1;
     }
@@ -547,12 +595,12 @@ fn scan_json_number(s: &[u8], mut i: usize) -> Result<usize, Reason> {
                 i += 1;
             }
         }
-        _ => return Err("expected a digit".into()),
+        _ => return Err(JsonErr::Digit),
     }
     if s.get(i) == Some(&b'.') {
         i += 1;
         if !s.get(i).is_some_and(u8::is_ascii_digit) {
-            return Err("expected a digit after '.'".into());
+            return Err(JsonErr::FractionDigit);
         }
         while s.get(i).is_some_and(u8::is_ascii_digit) {
             i += 1;
@@ -564,7 +612,7 @@ fn scan_json_number(s: &[u8], mut i: usize) -> Result<usize, Reason> {
             i += 1;
         }
         if !s.get(i).is_some_and(u8::is_ascii_digit) {
-            return Err("expected a digit in the exponent".into());
+            return Err(JsonErr::ExponentDigit);
         }
         while s.get(i).is_some_and(u8::is_ascii_digit) {
             i += 1;
@@ -594,6 +642,38 @@ static ESCAPE: [u8; 256] = {
     t
 };
 
+/// Index of the first byte at or after `i` that a JSON string cannot hold as is (`"`, `\\`
+/// or a control character), or `s.len()`. Tests eight bytes at a time first, because most
+/// text has none: this is what makes text and jsonb cheap.
+#[inline]
+fn skip_plain(s: &[u8], mut i: usize) -> usize {
+    const LO: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HI: u64 = u64::from_ne_bytes([0x80; 8]);
+    const QUOTE: u64 = LO * b'"' as u64;
+    const BSLASH: u64 = LO * b'\\' as u64;
+    const SPACE: u64 = LO * 0x20;
+    while let Some(chunk) = s.get(i..i + 8) {
+        let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let w = u64::from_le_bytes(bytes);
+        let q = w ^ QUOTE;
+        let b = w ^ BSLASH;
+        // Classic "has a zero byte" / "has a byte below n" tests: no false negatives; a
+        // false positive only sends this chunk to the byte loop below.
+        let special =
+            (q.wrapping_sub(LO) & !q) | (b.wrapping_sub(LO) & !b) | (w.wrapping_sub(SPACE) & !w);
+        if special & HI != 0 {
+            break;
+        }
+        i += 8;
+    }
+    while i < s.len() && ESCAPE[s[i] as usize] == 0 {
+        i += 1;
+    }
+    i
+}
+
 fn write_str(s: &[u8], out: &mut Vec<u8>) -> Res {
     if std::str::from_utf8(s).is_err() {
         return Err("invalid UTF-8".into());
@@ -601,13 +681,10 @@ fn write_str(s: &[u8], out: &mut Vec<u8>) -> Res {
     out.reserve(s.len() + 2);
     out.push(b'"');
     let mut run = 0;
-    for (i, &b) in s.iter().enumerate() {
-        let esc = ESCAPE[b as usize];
-        if esc == 0 {
-            continue;
-        }
+    let mut i = skip_plain(s, 0);
+    while let Some(&b) = s.get(i) {
         out.extend_from_slice(&s[run..i]);
-        run = i + 1;
+        let esc = ESCAPE[b as usize];
         if esc == b'u' {
             const HEX: &[u8; 16] = b"0123456789abcdef";
             out.extend_from_slice(&[
@@ -621,6 +698,8 @@ fn write_str(s: &[u8], out: &mut Vec<u8>) -> Res {
         } else {
             out.extend_from_slice(&[b'\\', esc]);
         }
+        run = i + 1;
+        i = skip_plain(s, run);
     }
     out.extend_from_slice(&s[run..]);
     out.push(b'"');
@@ -648,181 +727,177 @@ fn write_embedded_json(t: &[u8], out: &mut Vec<u8>) -> Res {
     Ok(())
 }
 
-/// Nesting stack for the JSON checker: one bit per level (object or array), inline for the
-/// first 128 levels so typical documents do not allocate, unbounded beyond (Postgres accepts
-/// deep nesting and so must we).
+/// Nesting stack for the JSON checker: a shift register of one bit per level (1 = object),
+/// innermost level in bit 0, so typical documents never allocate; levels beyond 64 spill
+/// into `deep` (Postgres accepts deep nesting and so must we).
 struct NestStack {
     depth: usize,
-    bits: u128,
+    bits: u64,
     deep: Vec<bool>,
 }
 
 impl NestStack {
+    #[inline]
     fn push(&mut self, is_object: bool) {
-        if self.depth < 128 {
-            if is_object {
-                self.bits |= 1 << self.depth;
-            } else {
-                self.bits &= !(1 << self.depth);
-            }
-        } else {
-            self.deep.push(is_object);
+        if self.depth >= 64 {
+            self.deep.push(self.bits >> 63 != 0);
         }
+        self.bits = self.bits << 1 | u64::from(is_object);
         self.depth += 1;
     }
 
+    #[inline]
     fn pop(&mut self) {
+        self.bits >>= 1;
         self.depth -= 1;
-        if self.depth >= 128 {
-            self.deep.pop();
+        if self.depth >= 64
+            && let Some(spilled) = self.deep.pop()
+        {
+            self.bits |= u64::from(spilled) << 63;
         }
     }
 
     /// Whether the innermost open container is an object; `None` at top level.
+    #[inline]
     fn top(&self) -> Option<bool> {
-        match self.depth {
-            0 => None,
-            d if d <= 128 => Some(self.bits & (1 << (d - 1)) != 0),
-            _ => self.deep.last().copied(),
-        }
+        (self.depth > 0).then_some(self.bits & 1 != 0)
     }
 }
 
 /// Validate `s` (already known to be UTF-8) as one JSON text, the grammar Postgres' `json`
 /// type accepts (RFC 8259; lone `\uD800` escapes pass, as they do in Postgres' `json`).
 /// Returns whether it contains raw TAB/LF/CR whitespace.
-fn check_json(s: &[u8]) -> Result<bool, Reason> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum St {
-        Value,
-        ArrValueOrEnd,
-        AfterValue,
-        KeyOrEnd,
-        Key,
-        Colon,
-    }
-    let n = s.len();
-    let mut i = 0;
+fn check_json(s: &[u8]) -> Result<bool, JsonErr> {
     let mut raw_ws = false;
     let mut stack = NestStack {
         depth: 0,
         bits: 0,
         deep: Vec::new(),
     };
-    let mut st = St::Value;
-    loop {
-        while i < n {
-            match s[i] {
-                b' ' => i += 1,
-                b'\t' | b'\n' | b'\r' => {
-                    raw_ws = true;
-                    i += 1;
-                }
-                _ => break,
-            }
-        }
+    // Written as "parse a value, then unwind closers" rather than a general state machine:
+    // what may follow a value depends only on the innermost container.
+    let mut i = skip_json_ws(s, 0, &mut raw_ws);
+    'value: loop {
         let Some(&c) = s.get(i) else {
-            return if st == St::AfterValue && stack.top().is_none() {
-                Ok(raw_ws)
-            } else {
-                Err("unexpected end of JSON".into())
-            };
+            return Err(JsonErr::End);
         };
-        match st {
-            St::ArrValueOrEnd if c == b']' => {
-                i += 1;
-                stack.pop();
-                st = St::AfterValue;
-            }
-            St::Value | St::ArrValueOrEnd => {
-                st = St::AfterValue;
-                match c {
-                    b'{' => {
-                        stack.push(true);
-                        i += 1;
-                        st = St::KeyOrEnd;
-                    }
-                    b'[' => {
-                        stack.push(false);
-                        i += 1;
-                        st = St::ArrValueOrEnd;
-                    }
-                    b'"' => i = scan_json_string(s, i + 1)?,
-                    b'-' | b'0'..=b'9' => i = scan_json_number(s, i)?,
-                    b't' => i = expect_lit(s, i, b"true")?,
-                    b'f' => i = expect_lit(s, i, b"false")?,
-                    b'n' => i = expect_lit(s, i, b"null")?,
-                    _ => return Err("unexpected character where a JSON value should be".into()),
-                }
-            }
-            St::AfterValue => match (c, stack.top()) {
-                (b',', Some(true)) => {
+        match c {
+            b'{' => {
+                i = skip_json_ws(s, i + 1, &mut raw_ws);
+                if s.get(i) == Some(&b'}') {
                     i += 1;
-                    st = St::Key;
-                }
-                (b',', Some(false)) => {
-                    i += 1;
-                    st = St::Value;
-                }
-                (b'}', Some(true)) | (b']', Some(false)) => {
-                    i += 1;
-                    stack.pop();
-                }
-                (_, None) => return Err("trailing characters after the JSON value".into()),
-                _ => return Err("expected ',' or a closing bracket".into()),
-            },
-            St::KeyOrEnd | St::Key => {
-                if c == b'}' && st == St::KeyOrEnd {
-                    i += 1;
-                    stack.pop();
-                    st = St::AfterValue;
-                } else if c == b'"' {
-                    i = scan_json_string(s, i + 1)?;
-                    st = St::Colon;
                 } else {
-                    return Err("expected an object key".into());
+                    stack.push(true);
+                    i = json_key(s, i, &mut raw_ws)?;
+                    continue 'value;
                 }
             }
-            St::Colon => {
-                if c != b':' {
-                    return Err("expected ':'".into());
+            b'[' => {
+                i = skip_json_ws(s, i + 1, &mut raw_ws);
+                if s.get(i) == Some(&b']') {
+                    i += 1;
+                } else {
+                    stack.push(false);
+                    continue 'value;
                 }
-                i += 1;
-                st = St::Value;
+            }
+            b'"' => i = scan_json_string(s, i + 1)?,
+            b'-' | b'0'..=b'9' => i = scan_json_number(s, i)?,
+            b't' => i = expect_lit(s, i, b"true")?,
+            b'f' => i = expect_lit(s, i, b"false")?,
+            b'n' => i = expect_lit(s, i, b"null")?,
+            _ => return Err(JsonErr::NotAValue),
+        }
+        // After a complete value: close containers until one wants another value.
+        loop {
+            i = skip_json_ws(s, i, &mut raw_ws);
+            let Some(is_object) = stack.top() else {
+                return if i == s.len() {
+                    Ok(raw_ws)
+                } else {
+                    Err(JsonErr::Trailing)
+                };
+            };
+            match (s.get(i), is_object) {
+                (Some(b','), true) => {
+                    i = json_key(s, i + 1, &mut raw_ws)?;
+                    continue 'value;
+                }
+                (Some(b','), false) => {
+                    i = skip_json_ws(s, i + 1, &mut raw_ws);
+                    continue 'value;
+                }
+                (Some(b'}'), true) | (Some(b']'), false) => {
+                    i += 1;
+                    stack.pop();
+                }
+                (None, _) => return Err(JsonErr::End),
+                _ => return Err(JsonErr::CommaOrClose),
             }
         }
     }
 }
 
+/// JSON whitespace from `i`; notes raw TAB/LF/CR in `raw_ws`.
+#[inline]
+fn skip_json_ws(s: &[u8], mut i: usize, raw_ws: &mut bool) -> usize {
+    while let Some(&b) = s.get(i) {
+        match b {
+            b' ' => {}
+            b'\t' | b'\n' | b'\r' => *raw_ws = true,
+            _ => break,
+        }
+        i += 1;
+    }
+    i
+}
+
+/// `ws "key" ws : ws` from `i`; returns the index of the member's value.
+#[inline]
+fn json_key(s: &[u8], i: usize, raw_ws: &mut bool) -> Result<usize, JsonErr> {
+    let i = skip_json_ws(s, i, raw_ws);
+    if s.get(i) != Some(&b'"') {
+        return Err(JsonErr::Key);
+    }
+    let i = skip_json_ws(s, scan_json_string(s, i + 1)?, raw_ws);
+    if s.get(i) != Some(&b':') {
+        return Err(JsonErr::Colon);
+    }
+    Ok(skip_json_ws(s, i + 1, raw_ws))
+}
+
 /// Scan the rest of a JSON string whose opening quote is just before `i`; returns the index
 /// after the closing quote. The input is known to be UTF-8, so only ASCII needs checking.
-fn scan_json_string(s: &[u8], mut i: usize) -> Result<usize, Reason> {
+#[inline]
+fn scan_json_string(s: &[u8], mut i: usize) -> Result<usize, JsonErr> {
     loop {
+        i = skip_plain(s, i);
         match s.get(i) {
-            None => return Err("unterminated JSON string".into()),
+            None => return Err(JsonErr::Unterminated),
             Some(b'"') => return Ok(i + 1),
             Some(b'\\') => match s.get(i + 1) {
                 Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
                 Some(b'u') => {
-                    let hex = s.get(i + 2..i + 6).ok_or("truncated \\u escape")?;
+                    let hex = s.get(i + 2..i + 6).ok_or(JsonErr::UnicodeEscape)?;
                     if !hex.iter().all(u8::is_ascii_hexdigit) {
-                        return Err("invalid \\u escape".into());
+                        return Err(JsonErr::UnicodeEscape);
                     }
                     i += 6;
                 }
-                _ => return Err("invalid escape in JSON string".into()),
+                _ => return Err(JsonErr::Escape),
             },
-            Some(&b) if b < 0x20 => return Err("unescaped control character in JSON string".into()),
+            Some(&b) if b < 0x20 => return Err(JsonErr::Control),
             Some(_) => i += 1,
         }
     }
 }
 
-fn expect_lit(s: &[u8], i: usize, lit: &'static [u8]) -> Result<usize, Reason> {
+#[inline]
+fn expect_lit(s: &[u8], i: usize, lit: &'static [u8]) -> Result<usize, JsonErr> {
     if s[i..].starts_with(lit) {
         Ok(i + lit.len())
     } else {
-        Err("invalid literal (expected true, false or null)".into())
+        Err(JsonErr::Literal)
     }
 }
 
@@ -1496,7 +1571,7 @@ impl ArrayParser<'_> {
         write_kind(self.elem, text, out).map_err(|r| {
             Reason::Element(
                 index,
-                ValueError::new(self.elem.name(), text, r.to_string()),
+                Box::new(ValueError::new(self.elem.name(), text, r.to_string())),
             )
         })
     }
@@ -1777,6 +1852,32 @@ mod tests {
         }
         let deep_bad = format!("{}{}", "[".repeat(200), "]".repeat(199));
         err(&k, &deep_bad);
+        // Mixed containers across the inline/spilled boundary of the nesting stack.
+        let (mut open, mut close) = (String::new(), String::new());
+        for level in 0..300 {
+            if level % 3 == 0 {
+                open.push_str(r#"{"k":"#);
+                close.insert(0, '}');
+            } else {
+                open.push('[');
+                close.insert_str(0, ",1]");
+            }
+        }
+        let mixed = format!("{open}0{close}");
+        assert_eq!(ok(&k, &mixed), mixed);
+        for wrong_at in [5, 63, 64, 65, 130, 250] {
+            // Swap one closer for the other kind: must be rejected at any depth.
+            let mut bad = close.clone().into_bytes();
+            let pos = bad
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| matches!(b, b'}' | b']'))
+                .nth(wrong_at)
+                .unwrap()
+                .0;
+            bad[pos] = if bad[pos] == b'}' { b']' } else { b'}' };
+            err(&k, &format!("{open}0{}", String::from_utf8(bad).unwrap()));
+        }
     }
 
     #[test]
@@ -2213,6 +2314,39 @@ mod tests {
         prop::collection::vec(atoms, 0..24).prop_map(|v| v.concat().into_bytes())
     }
 
+    /// Token soup that is often valid JSON, to compare our checker with serde_json's.
+    fn json_tokens() -> impl Strategy<Value = Vec<u8>> {
+        let atoms = prop::sample::select(vec![
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            " ",
+            "\n",
+            "\"k\"",
+            "\"\\u00e9\\n\"",
+            "\"\\ud800\"",
+            "\"\\q\"",
+            "1",
+            "-0",
+            "0.5",
+            "1e+30",
+            "01",
+            "1.",
+            "-",
+            "true",
+            "false",
+            "null",
+            "nul",
+            "\"",
+            "é",
+            "\t",
+        ]);
+        prop::collection::vec(atoms, 0..20).prop_map(|v| v.concat().into_bytes())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -2240,6 +2374,13 @@ mod tests {
         }
 
         #[test]
+        fn skip_plain_matches_the_byte_loop(s in prop::collection::vec(any::<u8>(), 0..40), start in 0usize..40) {
+            let start = start.min(s.len());
+            let naive = s[start..].iter().position(|&b| ESCAPE[b as usize] != 0).map_or(s.len(), |p| p + start);
+            prop_assert_eq!(skip_plain(&s, start), naive);
+        }
+
+        #[test]
         fn text_round_trips(s in any::<String>()) {
             let mut out = Vec::new();
             write_json_str(s.as_bytes(), &mut out).unwrap();
@@ -2247,7 +2388,7 @@ mod tests {
         }
 
         #[test]
-        fn json_checker_agrees_with_serde(input in plausible()) {
+        fn json_checker_agrees_with_serde(input in prop_oneof![plausible(), json_tokens()]) {
             let Ok(s) = std::str::from_utf8(&input) else { return Ok(()) };
             let ours = check_json(input.as_slice()).is_ok();
             let serde = serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok();
