@@ -16,8 +16,9 @@ use crate::secret::Secret;
 pub enum SslMode {
     /// Plain TCP only.
     Disable,
-    /// TLS when the server offers it, plain otherwise; the certificate is not checked
-    /// (libpq's default).
+    /// TLS when the server offers it, plain when it answers the SSLRequest with
+    /// 'N'; the certificate is not checked (libpq's default). Unlike libpq, a
+    /// failed handshake is an error, not a retry in plain text.
     #[default]
     Prefer,
     /// TLS or fail. The certificate is not checked, unless `sslrootcert` is set, in

@@ -147,7 +147,7 @@ impl ReplicationStream {
         ReplicationStream {
             reader: ReplicationReader {
                 frames: reader,
-                done: false,
+                state: ReaderState::Streaming,
             },
             sender: StatusSender {
                 writer,
@@ -199,7 +199,7 @@ impl std::fmt::Debug for ReplicationStream {
 impl std::fmt::Debug for ReplicationReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicationReader")
-            .field("done", &self.done)
+            .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }
@@ -216,21 +216,44 @@ impl std::fmt::Debug for StatusSender {
 /// The receiving half of a replication stream.
 pub struct ReplicationReader {
     frames: FrameReader<ReadHalf<BoxStream>>,
-    done: bool,
+    state: ReaderState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReaderState {
+    Streaming,
+    /// The server sent CopyDone.
+    Ended,
+    /// An error was returned; the stream position is unknown from here on.
+    Failed,
 }
 
 impl ReplicationReader {
     /// The next message; `None` once the server has ended COPY (after
-    /// [`StatusSender::finish`], or at the end of a timeline).
+    /// [`StatusSender::finish`], or at the end of a timeline), and on every call
+    /// after that. After an error, every later call fails with
+    /// [`ReplicationError::Broken`]: reconnect and restart from the slot.
     ///
     /// Waits as long as it takes: the server sends keepalives, and the caller
     /// bounds the wait if it wants to. Cancel-safe, so it can sit in a
     /// `tokio::select!` loop.
     pub async fn next(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
-        const CONTEXT: &str = "streaming WAL";
-        if self.done {
-            return Ok(None);
+        match self.state {
+            ReaderState::Streaming => {}
+            ReaderState::Ended => return Ok(None),
+            ReaderState::Failed => return Err(ReplicationError::Broken),
         }
+        let result = self.read_message().await;
+        match &result {
+            Ok(Some(_)) => {}
+            Ok(None) => self.state = ReaderState::Ended,
+            Err(_) => self.state = ReaderState::Failed,
+        }
+        result
+    }
+
+    async fn read_message(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
+        const CONTEXT: &str = "streaming WAL";
         loop {
             let mut frame = self.frames.read_frame(CONTEXT).await?;
             match frame[0] {
@@ -238,12 +261,8 @@ impl ReplicationReader {
                     let _ = frame.split_to(HEADER_LEN);
                     return parse_copy_data(frame.freeze()).map(Some);
                 }
-                b'c' => {
-                    self.done = true;
-                    return Ok(None);
-                }
+                b'c' => return Ok(None),
                 b'E' => {
-                    self.done = true;
                     return Err(ReplicationError::Server(parse_error_fields(
                         &frame[HEADER_LEN..],
                     )?));
@@ -394,6 +413,90 @@ mod tests {
         assert_eq!(&out[30..38], &4i64.to_be_bytes());
         assert_eq!(out[38], 1);
         assert_eq!(out.len(), 39);
+    }
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// The reader, and the server end (kept open: the reader must stop on
+    /// CopyDone, not on EOF).
+    async fn reader_over(wire: Vec<u8>) -> (ReplicationReader, tokio::io::DuplexStream) {
+        use tokio::io::AsyncWriteExt;
+        let (mut server, client) = tokio::io::duplex(1 << 16);
+        server.write_all(&wire).await.unwrap();
+        let stream: BoxStream = Box::new(client);
+        let (rd, wr) = tokio::io::split(stream);
+        let stream = ReplicationStream::new(
+            FrameReader::new(rd),
+            FrameWriter::new(wr),
+            Duration::from_secs(1),
+        );
+        (stream.split().0, server)
+    }
+
+    #[tokio::test]
+    async fn reader_skips_notices_and_ends_on_copy_done() {
+        let mut wire = frame(b'N', b"SNOTICE\0C00000\0Mhello\0\0");
+        wire.extend(frame(b'd', &xlog(1, 2, 3, b"B")));
+        wire.extend(frame(b'S', b"TimeZone\0UTC\0"));
+        wire.extend(frame(b'c', b""));
+        let (mut reader, _server) = reader_over(wire).await;
+        assert!(matches!(
+            reader.next().await,
+            Ok(Some(ReplicationMessage::XLogData { .. }))
+        ));
+        assert!(matches!(reader.next().await, Ok(None)));
+        assert!(matches!(reader.next().await, Ok(None)));
+    }
+
+    #[tokio::test]
+    async fn reader_is_broken_after_an_error() {
+        let mut wire = frame(
+            b'E',
+            b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0",
+        );
+        wire.extend(frame(b'd', &xlog(1, 2, 3, b"B")));
+        let (mut reader, _server) = reader_over(wire).await;
+        let err = reader.next().await.unwrap_err();
+        assert_eq!(err.sqlstate(), Some("57P01"));
+        assert!(err.is_retryable());
+        assert!(matches!(reader.next().await, Err(ReplicationError::Broken)));
+
+        let (mut reader, _server) = reader_over(frame(b'Z', b"I")).await;
+        assert!(matches!(
+            reader.next().await,
+            Err(ReplicationError::Protocol(_))
+        ));
+        assert!(matches!(reader.next().await, Err(ReplicationError::Broken)));
+    }
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    /// The integrator spawns these; keep them `Send`.
+    #[allow(dead_code, unused_must_use)]
+    fn futures_are_send(
+        cfg: &super::super::PgConfig,
+        client: &mut super::super::ReplicationClient,
+        reader: &mut ReplicationReader,
+        sender: &mut StatusSender,
+        owned: super::super::ReplicationClient,
+    ) {
+        fn owned_send<T: Send + 'static>() {}
+        owned_send::<ReplicationReader>();
+        owned_send::<StatusSender>();
+        owned_send::<ReplicationStream>();
+        owned_send::<super::super::ReplicationClient>();
+        assert_send(&super::super::ReplicationClient::connect(cfg));
+        assert_send(&super::super::sql::connect(cfg));
+        assert_send(&client.identify_system());
+        assert_send(&client.simple_query("SELECT 1"));
+        assert_send(&reader.next());
+        assert_send(&sender.send_status(Lsn(0), Lsn(0), Lsn(0), false));
+        assert_send(&owned.start_logical_replication("s", Lsn(0), &[]));
     }
 
     #[test]
