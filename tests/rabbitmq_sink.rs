@@ -771,3 +771,29 @@ async fn wrong_credentials_are_a_clear_non_retryable_error_without_the_password(
         "bad credentials need an operator: {text}"
     );
 }
+
+/// A peer that accepts TCP but never speaks AMQP is where lapin's connect can
+/// hang; the connect timeout must turn it into an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_broker_is_a_connect_timeout_not_a_hang() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut cfg =
+        RabbitConfig::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f")).expect("valid URL");
+    cfg.connect_timeout = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let outcome = timeout(BOUND, RabbitSink::connect(cfg))
+        .await
+        .expect("connect hung past its own timeout");
+    let err = match outcome {
+        Ok(_) => panic!("nothing AMQP is listening, connect cannot succeed"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&err, SinkError::Connect { reason, .. } if reason.contains("no answer within 500 ms")),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(err.is_retryable());
+    drop(listener);
+}
