@@ -302,7 +302,8 @@ fn event_properties(e: OutgoingMessage) -> BasicProperties {
         .with_headers(headers)
 }
 
-/// How many messages the queue holds; streams do not report it on declare.
+/// How many messages the queue holds (not checked for streams, which count
+/// offsets in a log rather than messages ready).
 async fn queued(
     channel: &Channel,
     queue: &str,

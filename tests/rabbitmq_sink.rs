@@ -414,7 +414,7 @@ async fn queue_type_receives_messages(queue_type: QueueType) {
 
     let (_conn, ch) = admin().await;
     let received = if queue_type == QueueType::Stream {
-        // Streams report no message count on declare; read them from the start.
+        // A stream is a log, not a queue to drain: read it from its first offset.
         timeout(BOUND, ch.basic_qos(100, BasicQosOptions::default()))
             .await
             .expect("qos hung")
