@@ -137,6 +137,31 @@ async fn cleanup(channel: &Channel, exchange: &str, queue: Option<&str>) {
     .expect("exchange.delete");
 }
 
+/// Deletes a test's exchange and queue if the test panics before its own
+/// cleanup, so failed runs leave nothing on the shared broker.
+struct Leftovers {
+    exchange: String,
+    queue: Option<String>,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        if let Some(q) = &self.queue {
+            let _ = Command::new("rabbitmqctl")
+                .args(["delete_queue", "-q", q])
+                .output();
+        }
+        let erl = format!(
+            "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"{}\">>), false, <<\"test\">>).",
+            self.exchange
+        );
+        let _ = Command::new("rabbitmqctl").args(["eval", &erl]).output();
+    }
+}
+
 fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .args(args)
@@ -154,6 +179,10 @@ fn rabbitmqctl(args: &[&str]) -> String {
 async fn publishes_with_all_properties_and_every_confirm_is_ok() {
     let exchange = unique("ex");
     let queue = unique("q");
+    let _leftovers = Leftovers {
+        exchange: exchange.clone(),
+        queue: Some(queue.clone()),
+    };
     let mut cfg = config(&exchange);
     cfg.queue = Some(QueueSpec {
         name: queue.clone(),
@@ -176,6 +205,10 @@ async fn publishes_with_all_properties_and_every_confirm_is_ok() {
     for outcome in settle(confirms).await {
         outcome.expect("every bound message is confirmed");
     }
+    assert!(
+        !sink.is_blocked(),
+        "a healthy local broker does not block us"
+    );
     let stats = sink.stats();
     assert_eq!(stats.published, u64::from(N));
     assert_eq!(stats.confirmed, u64::from(N));
@@ -246,6 +279,10 @@ async fn publishes_with_all_properties_and_every_confirm_is_ok() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_messages_fail_the_confirm_by_default() {
     let exchange = unique("ex");
+    let _leftovers = Leftovers {
+        exchange: exchange.clone(),
+        queue: None,
+    };
     let mut sink = RabbitSink::connect(config(&exchange))
         .await
         .expect("connect");
@@ -299,6 +336,10 @@ async fn unroutable_messages_fail_the_confirm_by_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_messages_are_counted_and_dropped_on_request() {
     let exchange = unique("ex");
+    let _leftovers = Leftovers {
+        exchange: exchange.clone(),
+        queue: None,
+    };
     let mut cfg = config(&exchange);
     cfg.unroutable = UnroutablePolicy::Drop;
     let mut sink = RabbitSink::connect(cfg).await.expect("connect");
@@ -332,6 +373,10 @@ async fn unroutable_messages_are_counted_and_dropped_on_request() {
 async fn queue_type_receives_messages(queue_type: QueueType) {
     let exchange = unique("ex");
     let queue = unique(queue_type.as_str());
+    let _leftovers = Leftovers {
+        exchange: exchange.clone(),
+        queue: Some(queue.clone()),
+    };
     let mut cfg = config(&exchange);
     let mut spec = QueueSpec::new(queue.clone());
     spec.queue_type = queue_type;
@@ -369,7 +414,7 @@ async fn queue_type_receives_messages(queue_type: QueueType) {
 
     let (_conn, ch) = admin().await;
     let received = if queue_type == QueueType::Stream {
-        // Streams report no message count on declare; read them from the start.
+        // A stream is a log, not a queue to drain: read it from its first offset.
         timeout(BOUND, ch.basic_qos(100, BasicQosOptions::default()))
             .await
             .expect("qos hung")
@@ -480,6 +525,10 @@ fn connection_pid(connection_name: &str) -> Option<String> {
 async fn broker_closing_the_connection_fails_publishes_and_confirms_without_hanging() {
     let exchange = unique("ex");
     let queue = unique("q");
+    let _leftovers = Leftovers {
+        exchange: exchange.clone(),
+        queue: Some(queue.clone()),
+    };
     let mut cfg = config(&exchange);
     let connection_name = cfg.connection_name.clone();
     cfg.queue = Some(QueueSpec::new(queue.clone()));
@@ -617,9 +666,48 @@ async fn broker_closing_the_connection_fails_publishes_and_confirms_without_hang
     cleanup(&ch, &exchange, Some(&queue)).await;
 }
 
+/// A channel-level close (here: the exchange deleted under a running sink, so
+/// the broker closes the channel with 404 on the next publish) fails the
+/// confirm as Closed with the broker's reason, and later publishes fail too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_deleted_under_the_sink_closes_the_channel() {
+    let exchange = unique("ex");
+    let _leftovers = Leftovers {
+        exchange: exchange.clone(),
+        queue: None,
+    };
+    let mut sink = RabbitSink::connect(config(&exchange))
+        .await
+        .expect("connect");
+    let (_conn, ch) = admin().await;
+    cleanup(&ch, &exchange, None).await;
+
+    let confirm = publish(&mut sink, message(1, "odoo.z"))
+        .await
+        .expect("the publish itself is queued before the broker objects");
+    match settle(vec![confirm]).await.remove(0) {
+        Err(SinkError::Closed(reason)) => {
+            assert!(reason.contains("NOT_FOUND"), "{reason}");
+            assert!(reason.contains(&exchange), "{reason}");
+        }
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    let next = publish(&mut sink, message(2, "odoo.z")).await;
+    let next = match next {
+        Err(e) => Err(e),
+        Ok(confirm) => settle(vec![confirm]).await.remove(0),
+    };
+    assert!(matches!(next, Err(SinkError::Closed(_))), "{next:?}");
+    sink.close().await.expect("close");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_declare_requires_an_existing_exchange() {
     let exchange = unique("ex");
+    let _leftovers = Leftovers {
+        exchange: exchange.clone(),
+        queue: None,
+    };
     let mut cfg = config(&exchange);
     cfg.declare_exchange = false;
     let err = match RabbitSink::connect(cfg.clone()).await {
@@ -682,4 +770,30 @@ async fn wrong_credentials_are_a_clear_non_retryable_error_without_the_password(
         !err.is_retryable(),
         "bad credentials need an operator: {text}"
     );
+}
+
+/// A peer that accepts TCP but never speaks AMQP is where lapin's connect can
+/// hang; the connect timeout must turn it into an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_broker_is_a_connect_timeout_not_a_hang() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut cfg =
+        RabbitConfig::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f")).expect("valid URL");
+    cfg.connect_timeout = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let outcome = timeout(BOUND, RabbitSink::connect(cfg))
+        .await
+        .expect("connect hung past its own timeout");
+    let err = match outcome {
+        Ok(_) => panic!("nothing AMQP is listening, connect cannot succeed"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&err, SinkError::Connect { reason, .. } if reason.contains("no answer within 500 ms")),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(err.is_retryable());
+    drop(listener);
 }
