@@ -299,14 +299,9 @@ impl RawOptions {
         }
     }
 
-    pub fn number<T: std::str::FromStr>(
-        &self,
-        key: &'static str,
-        default: T,
-        min: T,
-    ) -> Result<T, ConfigError>
+    pub fn number<T>(&self, key: &'static str, default: T, min: T) -> Result<T, ConfigError>
     where
-        T: PartialOrd + std::fmt::Display + Copy,
+        T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
     {
         match self.get(key) {
             None => Ok(default),
@@ -411,11 +406,11 @@ impl std::fmt::Debug for AmqpUrl {
 
 /// `scheme://user:***@host/...` for any URL with credentials.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((creds, host)) = rest.rsplit_once('@') {
-            let user = creds.split(':').next().unwrap_or("");
-            return format!("{scheme}://{user}:***@{host}");
-        }
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((creds, host)) = rest.rsplit_once('@')
+    {
+        let user = creds.split(':').next().unwrap_or("");
+        return format!("{scheme}://{user}:***@{host}");
     }
     url.to_string()
 }

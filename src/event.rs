@@ -163,18 +163,29 @@ pub fn message_id(commit_lsn: Lsn, seq: u32) -> String {
     format!("{}-{:08}", commit_lsn.to_fixed_hex(), seq)
 }
 
-/// A value could not be encoded: names where it came from.
+/// A value could not be encoded: names where it came from. Boxed, so the
+/// `Result`s of the hot encoding path stay one word wide.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct EncodeError(pub Box<EncodeErrorDetail>);
+
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
     "cannot encode column {column:?} of table {table} (type {type_name}) at LSN {lsn}: {source}"
 )]
-pub struct EncodeError {
+pub struct EncodeErrorDetail {
     pub table: String,
     pub column: String,
     pub type_name: String,
     pub lsn: Lsn,
     #[source]
     pub source: ValueError,
+}
+
+impl From<EncodeErrorDetail> for EncodeError {
+    fn from(d: EncodeErrorDetail) -> Self {
+        EncodeError(Box::new(d))
+    }
 }
 
 /// Settings that apply to every event of a run.
@@ -208,15 +219,15 @@ pub fn encode_json(
         }
     }
     out.extend_from_slice(b",\"lsn\":\"");
-    out.extend_from_slice(ev.lsn.to_string().as_bytes());
+    write_lsn(ev.lsn, out);
     out.extend_from_slice(b"\",\"commit_lsn\":\"");
-    out.extend_from_slice(ev.commit_lsn.to_string().as_bytes());
+    write_lsn(ev.commit_lsn, out);
     out.extend_from_slice(b"\",\"xid\":");
-    out.extend_from_slice(itoa_u64(u64::from(ev.xid)).as_bytes());
+    write_u64(u64::from(ev.xid), out);
     out.extend_from_slice(b",\"commit_ts\":\"");
     write_pg_timestamp(ev.commit_ts, out);
     out.extend_from_slice(b"\",\"seq\":");
-    out.extend_from_slice(itoa_u64(u64::from(ev.seq)).as_bytes());
+    write_u64(u64::from(ev.seq), out);
     out.extend_from_slice(if ev.snapshot {
         b",\"snapshot\":true}"
     } else {
@@ -360,7 +371,10 @@ fn write_images(
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     let images = ev.images();
-    let object = |name: &[u8], cols: &Option<Vec<(usize, &ColumnValue)>>, out: &mut Vec<u8>| {
+    let object = |name: &[u8],
+                  cols: &Option<Vec<(usize, &ColumnValue)>>,
+                  out: &mut Vec<u8>|
+     -> Result<(), EncodeError> {
         out.extend_from_slice(name);
         match cols {
             None => {
@@ -411,13 +425,14 @@ pub fn column_error(t: &TableInfo, lsn: Lsn, i: usize, source: ValueError) -> En
         Some(c) => (c.name.clone(), c.kind.name().to_string()),
         None => (format!("#{i}"), "?".to_string()),
     };
-    EncodeError {
+    EncodeErrorDetail {
         table: t.relation.qualified_name(),
         column,
         type_name,
         lsn,
         source,
     }
+    .into()
 }
 
 /// Appends the JSON form of column `i`'s value (no name) to `out`.
@@ -498,8 +513,49 @@ fn push_str_bytes(out: &mut Vec<u8>, s: &[u8]) {
     let _ = write_json_str(s, out);
 }
 
-fn itoa_u64(v: u64) -> String {
-    v.to_string()
+/// Decimal digits of `v`, without going through `fmt` (hot path).
+pub fn write_u64(mut v: u64, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// An LSN in Postgres' `X/X` upper-case hex form, without allocating.
+pub fn write_lsn(lsn: Lsn, out: &mut Vec<u8>) {
+    fn hex(mut v: u32, out: &mut Vec<u8>) {
+        let mut buf = [0u8; 8];
+        let mut i = buf.len();
+        loop {
+            i -= 1;
+            buf[i] = b"0123456789ABCDEF"[(v & 0xF) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&buf[i..]);
+    }
+    hex((lsn.0 >> 32) as u32, out);
+    out.push(b'/');
+    hex(lsn.0 as u32, out);
+}
+
+fn write_padded(v: u64, width: usize, out: &mut Vec<u8>) {
+    let start = out.len();
+    write_u64(v, out);
+    let len = out.len() - start;
+    if len < width {
+        let pad = width - len;
+        out.splice(start..start, std::iter::repeat_n(b'0', pad));
+    }
 }
 
 /// Microseconds between 1970-01-01 and 2000-01-01 (the Postgres epoch).
@@ -514,18 +570,23 @@ pub fn write_pg_timestamp(micros_since_2000: i64, out: &mut Vec<u8>) {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    use std::io::Write;
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        y,
-        m,
-        d,
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60,
-        frac
-    );
+    if y < 0 {
+        out.push(b'-');
+    }
+    write_padded(y.unsigned_abs(), 4, out);
+    out.push(b'-');
+    write_padded(u64::from(m), 2, out);
+    out.push(b'-');
+    write_padded(u64::from(d), 2, out);
+    out.push(b'T');
+    write_padded((sod / 3600) as u64, 2, out);
+    out.push(b':');
+    write_padded(((sod % 3600) / 60) as u64, 2, out);
+    out.push(b':');
+    write_padded((sod % 60) as u64, 2, out);
+    out.push(b'.');
+    write_padded(frac as u64, 6, out);
+    out.push(b'Z');
 }
 
 /// Unix seconds of a Postgres-epoch microsecond timestamp (for AMQP `timestamp`).
@@ -569,6 +630,20 @@ mod tests {
         assert_eq!(ts(68_256_000_000_000), "2002-03-01T00:00:00.000000Z");
         assert_eq!(ts(4_579_200_000_000), "2000-02-23T00:00:00.000000Z");
         assert_eq!(ts(5_097_600_000_000), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn fast_number_writers_match_fmt() {
+        for v in [0u64, 7, 10, 99, 12345, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            write_u64(v, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
+        }
+        for l in [0u64, 0x16B3748, (0x1A << 32) | 0xFF, u64::MAX] {
+            let mut out = Vec::new();
+            write_lsn(Lsn(l), &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), Lsn(l).to_string());
+        }
     }
 
     #[test]

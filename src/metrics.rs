@@ -66,11 +66,11 @@ impl Metrics {
 
     pub fn event(&self, ev: &ChangeEvent) {
         self.events_by_op[op_index(ev.op)].fetch_add(1, Relaxed);
-        if let (Some(s), Some(t)) = (ev.schema(), ev.table_name()) {
-            if let Ok(mut m) = self.events_by_table.lock() {
-                let key = format!("{s}.{t}|{}", ev.op.word());
-                *m.entry(key).or_insert(0) += 1;
-            }
+        if let (Some(s), Some(t)) = (ev.schema(), ev.table_name())
+            && let Ok(mut m) = self.events_by_table.lock()
+        {
+            let key = format!("{s}.{t}|{}", ev.op.word());
+            *m.entry(key).or_insert(0) += 1;
         }
     }
 

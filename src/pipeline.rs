@@ -615,7 +615,7 @@ impl<S: Sink> Publisher<S> {
             return Ok(());
         };
         // An empty transaction (everything filtered) publishes nothing.
-        if t.events == 0 && (last && t.part == 0 || !last) {
+        if t.events == 0 && (t.part == 0 || !last) {
             return Ok(());
         }
         let mut body = Vec::with_capacity(t.body.len() + 160);

@@ -104,7 +104,7 @@ pub fn encode_event(
 }
 
 fn column_error_plain(ev: &ChangeEvent, reason: String) -> EncodeError {
-    EncodeError {
+    crate::event::EncodeErrorDetail {
         table: ev
             .table
             .as_ref()
@@ -119,6 +119,7 @@ fn column_error_plain(ev: &ChangeEvent, reason: String) -> EncodeError {
             reason,
         },
     }
+    .into()
 }
 
 /// Appends an already-encoded `ChangeEvent` as element of `Transaction.events`
@@ -257,7 +258,7 @@ fn from_json(v: serde_json::Value) -> pb::Value {
 }
 
 fn decode_hex(hex: &[u8]) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let nib = |c: u8| match c {

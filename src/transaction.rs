@@ -414,6 +414,7 @@ impl Assembler {
     }
 
     /// The next output, or `None` when everything from the last push is out.
+    #[allow(clippy::should_implement_trait)] // fallible, so not an Iterator
     pub fn next(&mut self) -> Result<Option<Output>, AssembleError> {
         if let Some(out) = self.ready.pop_front() {
             return Ok(Some(out));
