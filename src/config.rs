@@ -464,22 +464,6 @@ pub struct Settings {
     pub unroutable: Unroutable,
 }
 
-/// Postgres' rule for slot names.
-pub fn validate_slot_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 63 {
-        return Err("must be 1 to 63 characters".into());
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    {
-        return Err(format!(
-            "{name:?} may contain only lower-case letters, digits and underscores"
-        ));
-    }
-    Ok(())
-}
-
 impl Settings {
     pub fn from_raw(raw: &RawOptions) -> Result<Self, ConfigError> {
         let source_text = raw.required("source")?;
@@ -490,7 +474,8 @@ impl Settings {
                     raw.invalid("source", e.to_string())
                 })?;
         let slot = raw.string("slot").unwrap_or_else(|| "odoo_cdc".into());
-        validate_slot_name(&slot).map_err(|e| raw.invalid("slot", e))?;
+        crate::replication::validate_slot_name(&slot)
+            .map_err(|e| raw.invalid("slot", e.to_string()))?;
         let publication = raw
             .string("publication")
             .unwrap_or_else(|| "odoo_cdc".into());

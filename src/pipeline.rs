@@ -200,7 +200,11 @@ where
         "proto_version",
         if streaming { "2" } else { "1" }.to_string(),
     ));
-    options.push(("publication_names", quote_literal_list(&cfg.publication)));
+    let publications: Vec<&str> = cfg.publication.split(',').map(str::trim).collect();
+    options.push((
+        "publication_names",
+        crate::replication::publication_names_value(&publications),
+    ));
     if version >= 140000 {
         options.push(("messages", "true".to_string()));
     }
@@ -356,15 +360,6 @@ where
     Ok(Stopped::Shutdown {
         confirmed: final_lsn,
     })
-}
-
-/// `'"a","b"'` for `publication_names` (a comma list of quoted identifiers).
-fn quote_literal_list(publications: &str) -> String {
-    publications
-        .split(',')
-        .map(|p| format!("\"{}\"", p.trim().replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// The publishing stage.

@@ -54,15 +54,7 @@ pub struct Prepared {
     pub created: bool,
 }
 
-/// `'text'` with quotes doubled: a SQL string literal.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// `"name"` with quotes doubled: a SQL identifier.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
+pub use crate::replication::{quote_ident, quote_literal};
 
 /// Ensures the publication and slot exist (creating them when asked) and returns
 /// the LSN to start from.

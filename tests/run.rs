@@ -5,41 +5,11 @@ mod common;
 use std::time::Duration;
 
 use common::amqp::{Got, consume};
-use common::{Proc, TestDb, unique_name};
+use common::{Proc, TestDb, run_args, unique_name, wait_for_slot};
 use prost::Message as _;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn run_args<'a>(db: &'a TestDb, exchange: &'a str, amqp: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        "--source",
-        &db.url,
-        "--amqp",
-        amqp,
-        "--exchange",
-        exchange,
-        "--slot",
-        &db.name,
-        "--publication",
-        &db.name,
-        "--create-slot",
-        "--create-publication",
-        "--status-interval-secs",
-        "1",
-    ]
-}
-
-async fn wait_for_slot(db: &TestDb) {
-    for _ in 0..400 {
-        if db.confirmed_flush_lsn(&db.name).await.is_some() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the connector did not create its slot");
-}
 
 async fn schema(db: &TestDb) {
     db.exec(

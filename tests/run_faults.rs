@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::amqp::{Consumer, Got, consume};
-use common::{Proc, TestDb, unique_name};
+use common::{Proc, TestDb, run_args, unique_name, wait_for_slot};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -100,26 +100,6 @@ fn verify(all: &[Got], exp: &Expect) -> (usize, usize) {
     (by_id.len(), dups)
 }
 
-fn args<'a>(db: &'a TestDb, exchange: &'a str, amqp: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        "--source",
-        &db.url,
-        "--amqp",
-        amqp,
-        "--exchange",
-        exchange,
-        "--slot",
-        &db.name,
-        "--publication",
-        &db.name,
-        "--create-slot",
-        "--create-publication",
-        "--status-interval-secs",
-        "1",
-    ]
-}
-
 async fn wait_unique(consumer: &Consumer, n: usize, timeout: Duration) -> bool {
     consumer
         .wait_until(timeout, |m| {
@@ -139,13 +119,8 @@ async fn kill_9_at_several_points_loses_nothing() {
     let exchange = unique_name("ex");
     let consumer = consume(&exchange, &unique_name("q"), "#").await;
     let amqp = common::amqp_url();
-    let mut proc = Proc::spawn(&args(&db, &exchange, &amqp), &[]);
-    for _ in 0..200 {
-        if db.confirmed_flush_lsn(&db.name).await.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut proc = Proc::spawn(&run_args(&db, &exchange, &amqp), &[]);
+    wait_for_slot(&db).await;
     // 5001 transactions, 50k changes, written while the connector runs and dies.
     let writer = {
         let url = db.url.clone();
@@ -160,7 +135,7 @@ async fn kill_9_at_several_points_loses_nothing() {
         proc.kill9();
         kills += 1;
         eprintln!("kill -9 #{kills}: {} messages so far", consumer.len());
-        proc = Proc::spawn(&args(&db, &exchange, &amqp), &[]);
+        proc = Proc::spawn(&run_args(&db, &exchange, &amqp), &[]);
     }
     writer.await.unwrap();
     let exp = expected(&db).await;
@@ -186,13 +161,8 @@ async fn broker_closing_all_connections_mid_stream_loses_nothing() {
     let queue = unique_name("q");
     let mut consumer = consume(&exchange, &queue, "#").await;
     let amqp = common::amqp_url();
-    let _proc = Proc::spawn(&args(&db, &exchange, &amqp), &[]);
-    for _ in 0..200 {
-        if db.confirmed_flush_lsn(&db.name).await.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _proc = Proc::spawn(&run_args(&db, &exchange, &amqp), &[]);
+    wait_for_slot(&db).await;
     let writer = {
         let url = db.url.clone();
         tokio::spawn(async move {

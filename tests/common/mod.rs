@@ -447,3 +447,35 @@ pub mod amqp {
         }
     }
 }
+
+/// `odoo-cdc run` arguments for a test database (slot and publication named after it).
+pub fn run_args<'a>(db: &'a TestDb, exchange: &'a str, amqp: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--source",
+        &db.url,
+        "--amqp",
+        amqp,
+        "--exchange",
+        exchange,
+        "--slot",
+        &db.name,
+        "--publication",
+        &db.name,
+        "--create-slot",
+        "--create-publication",
+        "--status-interval-secs",
+        "1",
+    ]
+}
+
+/// Waits until the connector created the slot named after the database.
+pub async fn wait_for_slot(db: &TestDb) {
+    for _ in 0..400 {
+        if db.confirmed_flush_lsn(&db.name).await.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the connector did not create its slot");
+}
