@@ -1,0 +1,258 @@
+#!/usr/bin/env bash
+# The one-command demo: an Odoo-like database under an ORM-style workload, and
+# odoo-cdc streaming its changes to RabbitMQ, with the sales orders routed to a
+# quorum queue.
+#
+#   scripts/demo.sh                     # ~30 s of orders, then leaves odoo-cdc running
+#   DEMO_SECONDS=10 scripts/demo.sh     # non-interactive (CI): stops odoo-cdc itself, exit 0
+#
+# Knobs: DEMO_SECONDS (workload duration, default 30), DEMO_RATE (orders/s, default 20,
+# 0 = as fast as possible), DEMO_DIR (logs, default target/demo).
+#
+# What it does: starts the local services (scripts/services.sh up), recreates the
+# database odoo_demo (dropping a leftover slot of that name), loads the Odoo schema,
+# builds the connector and the workload in release mode, starts
+#   odoo-cdc run ... --queue odoo_demo_orders --queue-type quorum
+#                    --queue-binding 'odoo_demo.public.sale_order.*'
+#                    --queue-binding 'odoo_demo.public.sale_order_line.*'
+# in the background, runs the workload, and shows the queue filling up. At the end
+# the queue must hold exactly one message per sale_order/sale_order_line row the
+# workload changed; the script fails otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DB=odoo_demo
+SLOT=odoo_demo
+QUEUE=odoo_demo_orders
+PEEK_SLOT=odoo_demo_peek
+DURATION="${DEMO_SECONDS:-30}"
+RATE="${DEMO_RATE:-20}"
+DIR="${DEMO_DIR:-target/demo}"
+# Set when the caller chose the duration: then nobody is watching, clean up at the end.
+UNATTENDED="${DEMO_SECONDS+yes}"
+
+if [ -t 1 ]; then B=$'\033[1m' N=$'\033[0m'; else B='' N=''; fi
+say() { printf '%s[demo]%s %s\n' "$B" "$N" "$*"; }
+die() { printf '[demo] error: %s\n' "$*" >&2; exit 1; }
+
+case "$DURATION" in '' | *[!0-9]*) die "DEMO_SECONDS must be a whole number of seconds" ;; esac
+case "$RATE" in '' | *[!0-9]*) die "DEMO_RATE must be a whole number of orders per second" ;; esac
+[ "$DURATION" -gt 0 ] || die "DEMO_SECONDS must be at least 1"
+
+say "starting PostgreSQL (wal_level=logical) and RabbitMQ"
+scripts/services.sh up
+eval "$(scripts/services.sh env)"
+ADMIN_URL="$ODOO_CDC_TEST_PG"
+SOURCE="${ADMIN_URL%/*}/$DB"
+AMQP="$ODOO_CDC_TEST_AMQP"
+psql_admin() { psql -X -q -At -v ON_ERROR_STOP=1 "$ADMIN_URL" "$@"; }
+psql_db() { psql -X -q -At -v ON_ERROR_STOP=1 "$SOURCE" "$@"; }
+queue_depth() {
+  timeout 30 rabbitmqctl -q list_queues name messages 2>/dev/null |
+    awk -v q="$QUEUE" '$1 == q { print $2; found = 1 } END { if (!found) print 0 }'
+}
+
+mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"
+
+# A connector left running by an earlier interactive demo holds the slot: stop it,
+# but only if the recorded pid still is an odoo-cdc process.
+if [ -f "$DIR/odoo-cdc.pid" ]; then
+  old="$(cat "$DIR/odoo-cdc.pid")"
+  if [ -n "$old" ] && grep -q odoo-cdc "/proc/$old/cmdline" 2>/dev/null; then
+    say "stopping the connector of an earlier demo (pid $old)"
+    kill -TERM "$old" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$DIR/odoo-cdc.pid"
+fi
+
+say "recreating database $DB"
+# Any walsender still streaming the slot must go before the slot can be dropped,
+# and a logical slot of the database blocks DROP DATABASE.
+psql_admin -c "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+               WHERE (slot_name = '$SLOT' OR database = '$DB') AND active_pid IS NOT NULL" >/dev/null
+for _ in $(seq 1 50); do
+  left="$(psql_admin -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$SLOT' OR database = '$DB'")"
+  [ "$left" = 0 ] && break
+  psql_admin -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                 WHERE (slot_name = '$SLOT' OR database = '$DB') AND NOT active" >/dev/null || true
+  sleep 0.2
+done
+[ "$left" = 0 ] || die "could not drop replication slot $SLOT (still active?)"
+psql_admin -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
+# The queue of an earlier run would make the counts below meaningless.
+timeout 30 rabbitmqctl -q delete_queue "$QUEUE" >/dev/null 2>&1 || true
+
+say "building odoo-cdc and the workload (release)"
+cargo build --release --bin odoo-cdc --example odoo_workload
+TARGET="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+CDC="$TARGET/release/odoo-cdc"
+WORKLOAD="$TARGET/release/examples/odoo_workload"
+
+say "loading the Odoo schema and seed data into $DB"
+"$WORKLOAD" --source "$SOURCE" --init --orders 0
+
+CDC_PID=""
+PEEK_PID=""
+WL_PID=""
+cleanup() {
+  # Only what this script started, by pid. The connector survives a normal
+  # interactive end (CDC_PID is cleared then).
+  for pid in $WL_PID $PEEK_PID $CDC_PID; do kill -TERM "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say "starting odoo-cdc run (log: $DIR/odoo-cdc.log)"
+# The other tables' events are unroutable by design here, and the connector warns
+# once per dropped event: keep that module to errors so the log stays readable.
+NO_COLOR=1 ODOO_CDC_LOG="${ODOO_CDC_LOG:-info,lapin=error,odoo_cdc::sink::rabbitmq::confirm=error}" nohup "$CDC" run \
+  --source "$SOURCE" --amqp "$AMQP" \
+  --slot "$SLOT" --publication "$DB" --create-slot --create-publication \
+  --queue "$QUEUE" --queue-type quorum \
+  --queue-binding "$DB.public.sale_order.*" --queue-binding "$DB.public.sale_order_line.*" \
+  --unroutable drop --status-interval-secs 1 \
+  >"$DIR/odoo-cdc.log" 2>&1 &
+CDC_PID=$!
+echo "$CDC_PID" >"$DIR/odoo-cdc.pid"
+# odoo-cdc publishes every table of the publication; only the two order tables are
+# bound to the queue, so the others are confirmed by the broker and dropped
+# (--unroutable drop) instead of failing the connector.
+
+ready=""
+for _ in $(seq 1 300); do
+  kill -0 "$CDC_PID" 2>/dev/null || { tail -n 20 "$DIR/odoo-cdc.log" >&2; die "odoo-cdc exited during startup"; }
+  active="$(psql_admin -c "SELECT active FROM pg_replication_slots WHERE slot_name = '$SLOT'")"
+  if [ "$active" = t ] && grep -q "connected to RabbitMQ" "$DIR/odoo-cdc.log"; then ready=yes; break; fi
+  sleep 0.2
+done
+[ -n "$ready" ] || { tail -n 20 "$DIR/odoo-cdc.log" >&2; die "odoo-cdc did not start streaming within 60 s"; }
+say "odoo-cdc is streaming (pid $CDC_PID)"
+
+# Sample event bodies: a second, temporary slot read by `odoo-cdc tail`, which uses
+# the same encoder as `run` (the queue's messages are byte for byte these lines).
+# It ends with its connection, so it leaves nothing behind.
+ODOO_CDC_LOG=warn "$CDC" tail --source "$SOURCE" --slot "$PEEK_SLOT" --publication "$DB" \
+  --create-slot --temporary >"$DIR/sample-events.jsonl" 2>"$DIR/peek.log" &
+PEEK_PID=$!
+for _ in $(seq 1 150); do
+  [ "$(psql_admin -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$PEEK_SLOT'")" = 1 ] && break
+  sleep 0.2
+done
+
+ORDERS=$((RATE * DURATION))
+[ "$RATE" -gt 0 ] || ORDERS=$((200 * DURATION))  # as fast as possible: a bigger batch
+say "workload: $ORDERS orders at ${RATE} orders/s (0 = unthrottled), ORM-style transactions"
+start_ns=$(date +%s%N)
+"$WORKLOAD" --source "$SOURCE" --orders "$ORDERS" --rate "$RATE" --seed 1 --progress \
+  >"$DIR/workload.json" 2>"$DIR/workload.log" &
+WL_PID=$!
+
+elapsed() { echo $(( ($(date +%s%N) - start_ns) / 1000000000 )); }
+slot_lag() {
+  psql_admin -c "SELECT coalesce(pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)), '?')
+                 FROM pg_replication_slots WHERE slot_name = '$SLOT'"
+}
+progress_line() {
+  local depth wl
+  depth="$(queue_depth)"
+  wl="$(tail -n 1 "$DIR/workload.log" 2>/dev/null | sed 's/^odoo_workload: //')"
+  say "t=$(elapsed)s  queue $QUEUE: ${depth} events  slot lag: $(slot_lag)  | workload: ${wl:-starting}"
+}
+
+while kill -0 "$WL_PID" 2>/dev/null; do
+  kill -0 "$CDC_PID" 2>/dev/null || { tail -n 20 "$DIR/odoo-cdc.log" >&2; die "odoo-cdc exited"; }
+  progress_line
+  sleep 2
+done
+wait "$WL_PID" || { cat "$DIR/workload.log" >&2; die "the workload failed"; }
+WL_PID=""
+wl_secs_ns=$(( $(date +%s%N) - start_ns ))
+# Everything the workload committed lies before this LSN; the slot's confirmed LSN
+# passes it only once RabbitMQ has confirmed every one of those events.
+end_lsn="$(psql_admin -c "SELECT pg_current_wal_lsn()")"
+caught_ns=""
+for _ in $(seq 1 600); do
+  kill -0 "$CDC_PID" 2>/dev/null || { tail -n 20 "$DIR/odoo-cdc.log" >&2; die "odoo-cdc exited"; }
+  if [ "$(psql_admin -c "SELECT confirmed_flush_lsn >= '$end_lsn' FROM pg_replication_slots WHERE slot_name = '$SLOT'")" = t ]; then
+    caught_ns=$(( $(date +%s%N) - start_ns ))
+    break
+  fi
+  sleep 0.1
+done
+[ -n "$caught_ns" ] || die "the slot did not reach $end_lsn within 60 s of the workload's end"
+
+report="$(tail -n 1 "$DIR/workload.json")"
+# Rows the workload changed in one table, all operations (the JSON is one compact line).
+rows_of() {
+  printf '%s' "$report" | grep -o "\"$1\":{[^}]*}" | grep -o '[0-9]\+' | awk '{ s += $1 } END { print s + 0 }'
+}
+expected=$(( $(rows_of sale_order) + $(rows_of sale_order_line) ))
+all_rows="$(printf '%s' "$report" | grep -o '"total":[0-9]*' | grep -o '[0-9]*')"
+say "workload done: $all_rows rows changed; $expected of them in sale_order/sale_order_line"
+
+# RabbitMQ refreshes a queue's message count every few seconds: wait for it to settle.
+depth=0
+for _ in $(seq 1 30); do
+  depth="$(queue_depth)"
+  [ "$depth" -ge "$expected" ] && break
+  sleep 1
+done
+progress_line
+
+if command -v jq >/dev/null 2>&1; then shown="null columns left out"; else shown="in full"; fi
+say "3 sample events as published to $QUEUE, $shown (a new order, its confirmation, a line):"
+{
+  grep -m 1 '"op":"c",.*"table":"sale_order",' "$DIR/sample-events.jsonl" || true
+  grep -m 1 '"op":"u",.*"table":"sale_order",.*"state":"sale"' "$DIR/sample-events.jsonl" || true
+  grep -m 1 '"op":"c",.*"table":"sale_order_line",' "$DIR/sample-events.jsonl" || true
+} | if command -v jq >/dev/null 2>&1; then jq -c '{op, source: {table: .source.table, commit_lsn: .source.commit_lsn, seq: .source.seq}, key, after: (.after | with_entries(select(.value != null)))}'; else cat; fi
+kill -TERM "$PEEK_PID" 2>/dev/null || true
+wait "$PEEK_PID" 2>/dev/null || true
+PEEK_PID=""
+
+say "last lines of the odoo-cdc log:"
+tail -n 5 "$DIR/odoo-cdc.log"
+
+secs() { awk -v ns="$1" 'BEGIN { printf "%.1f", ns / 1e9 }'; }
+per_sec() { awk -v n="$1" -v ns="$2" 'BEGIN { printf "%.0f", n / (ns / 1e9) }'; }
+say "figures: the workload changed $all_rows rows in $(secs "$wl_secs_ns") s ($(per_sec "$all_rows" "$wl_secs_ns") rows/s);"
+say "         odoo-cdc had every one of them confirmed by RabbitMQ $(secs "$caught_ns") s after the start: $(per_sec "$all_rows" "$caught_ns") change events/s published, $(per_sec "$expected" "$caught_ns")/s of them routed to $QUEUE"
+
+status=0
+if [ "$depth" != "$expected" ]; then
+  printf '[demo] error: queue %s holds %s messages, the workload changed %s order rows\n' "$QUEUE" "$depth" "$expected" >&2
+  status=1
+else
+  say "check: queue depth equals the rows the workload changed in sale_order + sale_order_line ($expected)"
+fi
+
+if [ -n "$UNATTENDED" ]; then
+  say "stopping odoo-cdc (SIGTERM)"
+  kill -TERM "$CDC_PID"
+  code=0
+  wait "$CDC_PID" || code=$?
+  CDC_PID=""
+  rm -f "$DIR/odoo-cdc.pid"
+  [ "$code" = 0 ] || { tail -n 20 "$DIR/odoo-cdc.log" >&2; die "odoo-cdc exited with $code"; }
+  say "odoo-cdc stopped cleanly"
+  # An idle slot pins WAL on the cluster for as long as it exists: nobody will resume
+  # this one. The database stays for inspection.
+  psql_admin -c "SELECT pg_drop_replication_slot('$SLOT')" >/dev/null
+  say "dropped slot $SLOT; database $DB is left for inspection"
+  exit "$status"
+fi
+
+CDC_RUNNING="$CDC_PID"
+CDC_PID=""  # keep it running after this script ends
+cat <<EOF
+
+odoo-cdc is still running (pid $CDC_RUNNING) and streams every change of $DB.
+  more orders:   $WORKLOAD --source $SOURCE --orders 1000 --rate 50 --progress
+  watch it:      tail -f $DIR/odoo-cdc.log ; rabbitmqctl list_queues name messages
+  stop it:       kill $CDC_RUNNING
+  drop its slot: psql $ADMIN_URL -c "SELECT pg_drop_replication_slot('$SLOT')"   (else it pins WAL)
+  stop services: scripts/services.sh down
+EOF
+exit "$status"
