@@ -160,7 +160,9 @@ impl ConfirmCtx {
             }),
             UnroutablePolicy::Drop => {
                 Counters::bump(&self.counters.dropped_unroutable);
-                warn!(
+                // Dropping is the operator's explicit choice and is counted in
+                // the sink's stats; one log line per event would flood the log.
+                tracing::debug!(
                     %message_id,
                     %exchange,
                     %routing_key,
