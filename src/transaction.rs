@@ -406,7 +406,7 @@ impl Assembler {
             other => {
                 return Err(proto(format!(
                     "unexpected message inside the stream block of xid {top_xid}: {}",
-                    message_name(&other)
+                    other.kind().name()
                 )));
             }
         }
@@ -653,29 +653,5 @@ pub fn relation_from_wire(body: RelationBody) -> Relation {
                 type_modifier: c.type_modifier,
             })
             .collect(),
-    }
-}
-
-fn message_name(m: &Message) -> &'static str {
-    match m {
-        Message::Begin { .. } => "Begin",
-        Message::Commit { .. } => "Commit",
-        Message::Origin { .. } => "Origin",
-        Message::Relation(_) => "Relation",
-        Message::Type { .. } => "Type",
-        Message::Insert { .. } => "Insert",
-        Message::Update { .. } => "Update",
-        Message::Delete { .. } => "Delete",
-        Message::Truncate { .. } => "Truncate",
-        Message::LogicalMessage { .. } => "Message",
-        Message::StreamStart { .. } => "Stream Start",
-        Message::StreamStop => "Stream Stop",
-        Message::StreamCommit { .. } => "Stream Commit",
-        Message::StreamAbort { .. } => "Stream Abort",
-        Message::BeginPrepare { .. } => "Begin Prepare",
-        Message::Prepare { .. } => "Prepare",
-        Message::CommitPrepared { .. } => "Commit Prepared",
-        Message::RollbackPrepared { .. } => "Rollback Prepared",
-        Message::StreamPrepare { .. } => "Stream Prepare",
     }
 }
