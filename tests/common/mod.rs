@@ -3,6 +3,9 @@
 //! slot, so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod proxy;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
