@@ -235,6 +235,9 @@ fn replication_exit_code(e: &ReplicationError) -> u8 {
             // "replication slot ... does not exist", "publication ... does not
             // exist", "can no longer get changes from replication slot".
             Some("42704") | Some("55000") if mentions_slot_or_publication(e) => SLOT_LOST,
+            // Data exception while the walsender prepared a value for us
+            // (e.g. 22021: bytes that are not UTF-8 in a SQL_ASCII database).
+            Some(code) if code.starts_with("22") => BAD_DATA,
             _ => RUNTIME,
         },
     }
@@ -1112,5 +1115,300 @@ impl<S: Sink> Publisher<S> {
         t.first_seq = None;
         t.body.clear();
         self.send(msg).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TableInfo;
+    use crate::pgoutput::{ColumnValue, TupleData};
+    use crate::replication::ServerError;
+    use crate::schema::{Column, Relation, ReplicaIdentity};
+    use crate::transaction::PlainTables;
+    use std::sync::Mutex;
+
+    /// Records what the publisher hands over; durable on flush (like stdout).
+    #[derive(Clone, Default)]
+    struct RecordingSink(Arc<Mutex<Vec<OutgoingMessage>>>);
+
+    impl Sink for RecordingSink {
+        async fn publish(&mut self, msg: OutgoingMessage) -> Result<Confirm, SinkError> {
+            self.0.lock().unwrap().push(msg);
+            Ok(Confirm::OnFlush)
+        }
+        async fn flush(&mut self) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    /// `public.line(id int4 key, qty int4)` with `qty` = "abc": not an integer.
+    fn bad_event(seq: u32) -> ChangeEvent {
+        let rel = Arc::new(Relation::new(
+            16400,
+            "public",
+            "line",
+            ReplicaIdentity::Default,
+            vec![
+                Column::new("id", 23, -1, true),
+                Column::new("qty", 23, -1, false),
+            ],
+        ));
+        ChangeEvent {
+            op: crate::event::Op::Insert,
+            table: Some(Arc::new(TableInfo::plain(rel))),
+            lsn: Lsn(0x1000 + u64::from(seq)),
+            commit_lsn: Lsn(0x2000),
+            xid: 7,
+            commit_ts: 0,
+            seq,
+            snapshot: false,
+            old: None,
+            new: Some(TupleData {
+                columns: vec![
+                    ColumnValue::Text(Bytes::from_static(b"1")),
+                    ColumnValue::Text(Bytes::from_static(b"abc")),
+                ],
+            }),
+            truncate_options: 0,
+            message: None,
+        }
+    }
+
+    /// One transaction with the bad event through a publisher; returns the
+    /// outcome, the messages handed to the sink and the LSN made safe.
+    async fn publish_bad(
+        policy: OnDecodeError,
+        granularity: Granularity,
+    ) -> (Result<(), PipelineError>, Vec<OutgoingMessage>, Lsn) {
+        let mut cfg = SessionConfig::new("postgres://u@localhost/odoo".parse().unwrap(), "s", "p");
+        cfg.on_decode_error = policy;
+        cfg.granularity = granularity;
+        let sink = RecordingSink::default();
+        let confirmed = Arc::new(AtomicU64::new(0x100));
+        let metrics = Arc::new(Metrics::new());
+        let mut p = Publisher::new(
+            &cfg,
+            sink.clone(),
+            Lsn(0x100),
+            confirmed.clone(),
+            Arc::new(Notify::new()),
+            metrics,
+        );
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(Item::Begin {
+            xid: 7,
+            commit_lsn: Lsn(0x2000),
+            commit_ts: 0,
+        })
+        .await
+        .ok();
+        tx.send(Item::Event(bad_event(0))).await.ok();
+        tx.send(Item::Commit {
+            end_lsn: Lsn(0x2010),
+        })
+        .await
+        .ok();
+        drop(tx);
+        let r = p.run(rx, &AtomicBool::new(false), &Notify::new()).await;
+        let sent = sink.0.lock().unwrap().clone();
+        (r, sent, Lsn(confirmed.load(Ordering::Acquire)))
+    }
+
+    #[tokio::test]
+    async fn decode_error_fail_names_table_column_and_lsn_and_holds_the_slot() {
+        let (r, sent, safe) = publish_bad(OnDecodeError::Fail, Granularity::Row).await;
+        let e = r.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("public.line") && text.contains("\"qty\"") && text.contains("0/1000"),
+            "{text}"
+        );
+        assert!(!e.is_retryable());
+        assert_eq!(e.exit_code(), exit_code::BAD_DATA);
+        assert!(sent.is_empty());
+        assert_eq!(
+            safe,
+            Lsn(0x100),
+            "nothing after the bad event is acknowledged"
+        );
+    }
+
+    #[tokio::test]
+    async fn decode_error_raw_passes_the_text_and_flags_the_column() {
+        for granularity in [Granularity::Row, Granularity::Transaction] {
+            let (r, sent, safe) = publish_bad(OnDecodeError::Raw, granularity).await;
+            r.unwrap();
+            assert_eq!(sent.len(), 1);
+            let body: serde_json::Value = serde_json::from_slice(&sent[0].body).unwrap();
+            let ev = match granularity {
+                Granularity::Row => {
+                    assert_eq!(
+                        sent[0].headers.get("x-raw-columns"),
+                        Some(&HeaderValue::Str("qty".into()))
+                    );
+                    body
+                }
+                Granularity::Transaction => body["events"][0].clone(),
+            };
+            assert_eq!(ev["source"]["raw_columns"], serde_json::json!(["qty"]));
+            assert_eq!(ev["after"], serde_json::json!({"id": 1, "qty": "abc"}));
+            assert_eq!(safe, Lsn(0x2010));
+        }
+    }
+
+    #[tokio::test]
+    async fn decode_error_dead_letter_routes_the_raw_event_and_error_aside() {
+        for granularity in [Granularity::Row, Granularity::Transaction] {
+            let (r, sent, safe) = publish_bad(OnDecodeError::DeadLetter, granularity).await;
+            r.unwrap();
+            assert_eq!(
+                sent.len(),
+                1,
+                "only the dead letter (the transaction has nothing else)"
+            );
+            let m = &sent[0];
+            assert_eq!(m.routing_key, "odoo.dead_letter");
+            assert_eq!(m.message_id, "0000000000002000-00000000");
+            let body: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+            assert_eq!(body["table"], "public.line");
+            assert_eq!(body["column"], "qty");
+            assert_eq!(body["lsn"], "0/1000");
+            assert!(
+                body["error"].as_str().unwrap().contains("integer"),
+                "{body}"
+            );
+            assert_eq!(body["event"]["after"]["qty"], "abc");
+            assert_eq!(safe, Lsn(0x2010));
+        }
+    }
+
+    #[test]
+    fn an_unknown_pgoutput_message_fails_or_goes_to_the_dead_letter_key() {
+        let metrics = Metrics::new();
+        let data = Bytes::from_static(b"\x01future message");
+        let mut a = Assembler::new(Box::new(PlainTables), 1 << 20, None);
+        let e = a.push(Lsn(0x3000), &data).unwrap_err();
+        let fail = undecodable(
+            e,
+            OnDecodeError::Fail,
+            "odoo.dead_letter",
+            Some(&data),
+            &metrics,
+        )
+        .err()
+        .unwrap();
+        assert!(fail.to_string().contains("0/3000"), "{fail}");
+        assert_eq!(fail.exit_code(), exit_code::BAD_DATA);
+
+        for policy in [OnDecodeError::Raw, OnDecodeError::DeadLetter] {
+            let e = a.push(Lsn(0x3000), &data).unwrap_err();
+            let Ok(Some(Item::DeadLetter(m))) =
+                undecodable(e, policy, "odoo.dead_letter", Some(&data), &metrics)
+            else {
+                panic!("expected a dead letter");
+            };
+            assert_eq!(m.routing_key, "odoo.dead_letter");
+            assert_eq!(m.message_id, "0000000000003000-dead-letter");
+            let body: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+            assert_eq!(body["lsn"], "0/3000");
+            assert_eq!(body["payload_base64"], "AWZ1dHVyZSBtZXNzYWdl");
+            assert!(body["error"].as_str().unwrap().contains("0/3000"));
+        }
+        // A protocol violation is never dead-lettered: the stream is out of step.
+        let commit = Bytes::from_static(&[
+            b'C', 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        if let Err(e) = a.push(Lsn(0x4000), &commit) {
+            assert!(undecodable(e, OnDecodeError::DeadLetter, "k", None, &metrics).is_err());
+        }
+    }
+
+    fn server(code: &str, message: &str) -> PipelineError {
+        PipelineError::Replication(ReplicationError::Server(ServerError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }))
+    }
+
+    #[test]
+    fn fatal_errors_map_to_their_exit_codes() {
+        use exit_code::*;
+        let slot = |e: SlotError| PipelineError::Slot(e);
+        assert_eq!(
+            slot(SlotError::Missing {
+                slot: "s".into(),
+                db: "d".into()
+            })
+            .exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            slot(SlotError::PublicationMissing {
+                publication: "p".into(),
+                db: "d".into()
+            })
+            .exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            slot(SlotError::Invalidated { slot: "s".into() }).exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            server("42704", "replication slot \"s\" does not exist").exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            server(
+                "55000",
+                "can no longer get changes from replication slot \"s\""
+            )
+            .exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            server("28P01", "password authentication failed").exit_code(),
+            AUTH
+        );
+        assert_eq!(
+            PipelineError::Replication(ReplicationError::Auth {
+                user: "u".into(),
+                reason: "bad".into()
+            })
+            .exit_code(),
+            AUTH
+        );
+        assert_eq!(
+            PipelineError::Sink(SinkError::Connect {
+                url: "amqp://u:***@h".into(),
+                reason: "ACCESS_REFUSED - Login was refused".into()
+            })
+            .exit_code(),
+            AUTH
+        );
+        assert_eq!(
+            server("22021", "invalid byte sequence").exit_code(),
+            BAD_DATA
+        );
+        assert_eq!(PipelineError::Config("x".into()).exit_code(), CONFIG);
+        assert_eq!(server("42501", "permission denied").exit_code(), RUNTIME);
+        // Retryable ones are counted by cause.
+        assert_eq!(
+            slot(SlotError::InUse {
+                slot: "s".into(),
+                pid: "1".into()
+            })
+            .reconnect_cause(),
+            ReconnectCause::SlotInUse
+        );
+        assert_eq!(
+            PipelineError::WalsenderSilent(Duration::from_secs(1)).reconnect_cause(),
+            ReconnectCause::ReplicationTimeout
+        );
+        assert!(PipelineError::WalsenderSilent(Duration::from_secs(1)).is_retryable());
     }
 }

@@ -150,7 +150,7 @@ async fn with_endpoint(
 ) -> ExitCode {
     let server = match settings.metrics_addr {
         None => None,
-        Some(addr) => match crate::metrics_server::bind(addr, metrics).await {
+        Some(addr) => match crate::metrics_server::bind(addr, metrics.clone()).await {
             Ok((_, serve)) => Some(tokio::spawn(serve)),
             Err(e) => {
                 tracing::error!(addr = %addr, error = %e, "cannot serve --metrics-addr");
@@ -169,7 +169,12 @@ async fn with_endpoint(
         }
         Err(e) => {
             let code = e.exit_code();
-            tracing::error!(error = %e, exit_code = code, "stopping: this needs an operator, retrying cannot fix it");
+            tracing::error!(
+                error = %e,
+                exit_code = code,
+                confirmed = %metrics.confirmed_lsn(),
+                "stopping: this needs an operator, retrying cannot fix it (the slot stays at the confirmed LSN)"
+            );
             ExitCode::from(code)
         }
     }
