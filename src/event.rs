@@ -610,48 +610,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ts(micros: i64) -> String {
-        let mut v = Vec::new();
-        write_pg_timestamp(micros, &mut v);
-        String::from_utf8(v).unwrap()
-    }
-
-    #[test]
-    fn formats_postgres_epoch_timestamps_in_utc() {
-        assert_eq!(ts(0), "2000-01-01T00:00:00.000000Z");
-        assert_eq!(ts(-1), "1999-12-31T23:59:59.999999Z");
-        // 2026-11-21 23:40:01.123456 UTC: 848 619 601.123456 s after 2000-01-01
-        assert_eq!(ts(848_619_601_123_456), "2026-11-21T23:40:01.123456Z");
-        // leap day
-        assert_eq!(ts(68_256_000_000_000), "2002-03-01T00:00:00.000000Z");
-        assert_eq!(ts(4_579_200_000_000), "2000-02-23T00:00:00.000000Z");
-        assert_eq!(ts(5_097_600_000_000), "2000-02-29T00:00:00.000000Z");
-    }
-
-    #[test]
-    fn fast_number_writers_match_fmt() {
-        for v in [0u64, 7, 10, 99, 12345, u64::from(u32::MAX), u64::MAX] {
-            let mut out = Vec::new();
-            write_u64(v, &mut out);
-            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
-        }
-        for l in [0u64, 0x16B3748, (0x1A << 32) | 0xFF, u64::MAX] {
-            let mut out = Vec::new();
-            write_lsn(Lsn(l), &mut out);
-            assert_eq!(String::from_utf8(out).unwrap(), Lsn(l).to_string());
-        }
-    }
-
-    #[test]
-    fn message_ids_are_fixed_width() {
-        assert_eq!(message_id(Lsn(0x16B37A0), 3), "00000000016B37A0-00000003");
-    }
-}
-
 /// `--on-decode-error=raw`: encodes `ev` like [`encode_json`], except that a
 /// column value which cannot be decoded is passed as its raw text form — a
 /// JSON string, or base64 of the bytes when they are not UTF-8 (or were sent
@@ -779,4 +737,46 @@ pub fn encode_json_raw(
     out.extend_from_slice(b"],");
     out.extend_from_slice(&body[at..]);
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(micros: i64) -> String {
+        let mut v = Vec::new();
+        write_pg_timestamp(micros, &mut v);
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn formats_postgres_epoch_timestamps_in_utc() {
+        assert_eq!(ts(0), "2000-01-01T00:00:00.000000Z");
+        assert_eq!(ts(-1), "1999-12-31T23:59:59.999999Z");
+        // 2026-11-21 23:40:01.123456 UTC: 848 619 601.123456 s after 2000-01-01
+        assert_eq!(ts(848_619_601_123_456), "2026-11-21T23:40:01.123456Z");
+        // leap day
+        assert_eq!(ts(68_256_000_000_000), "2002-03-01T00:00:00.000000Z");
+        assert_eq!(ts(4_579_200_000_000), "2000-02-23T00:00:00.000000Z");
+        assert_eq!(ts(5_097_600_000_000), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn fast_number_writers_match_fmt() {
+        for v in [0u64, 7, 10, 99, 12345, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            write_u64(v, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), v.to_string());
+        }
+        for l in [0u64, 0x16B3748, (0x1A << 32) | 0xFF, u64::MAX] {
+            let mut out = Vec::new();
+            write_lsn(Lsn(l), &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), Lsn(l).to_string());
+        }
+    }
+
+    #[test]
+    fn message_ids_are_fixed_width() {
+        assert_eq!(message_id(Lsn(0x16B37A0), 3), "00000000016B37A0-00000003");
+    }
 }

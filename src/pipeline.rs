@@ -405,10 +405,10 @@ where
             let r = p.run(rx, &stop_intake, &intake_stopped).await;
             // Close the broker connection cleanly (bounded inside) once every
             // confirm is in; after a failure it is dropped instead.
-            if r.is_ok() {
-                if let Err(e) = p.sink.close().await {
-                    tracing::debug!(error = %e, "closing the sink");
-                }
+            if r.is_ok()
+                && let Err(e) = p.sink.close().await
+            {
+                tracing::debug!(error = %e, "closing the sink");
             }
             r
         })
@@ -452,13 +452,9 @@ where
                 }) => {
                     metrics.add_wal_bytes(data.len());
                     if let Err(e) = assembler.push(wal_start, &data) {
-                        match undecodable(e, policy, &dead_letter_key, Some(&data), &metrics)? {
-                            Some(item) => {
-                                if tx.send(item).await.is_err() {
-                                    return Ok(());
-                                }
-                            }
-                            None => continue,
+                        let item = undecodable(e, policy, &dead_letter_key, Some(&data), &metrics)?;
+                        if tx.send(item).await.is_err() {
+                            return Ok(());
                         }
                     }
                     loop {
@@ -466,13 +462,10 @@ where
                             Ok(Some(out)) => out,
                             Ok(None) => break,
                             Err(e) => {
-                                match undecodable(e, policy, &dead_letter_key, None, &metrics)? {
-                                    Some(item) => {
-                                        if tx.send(item).await.is_err() {
-                                            return Ok(());
-                                        }
-                                    }
-                                    None => {}
+                                let item =
+                                    undecodable(e, policy, &dead_letter_key, None, &metrics)?;
+                                if tx.send(item).await.is_err() {
+                                    return Ok(());
                                 }
                                 continue;
                             }
@@ -586,7 +579,7 @@ fn undecodable(
     key: &str,
     payload: Option<&Bytes>,
     metrics: &Metrics,
-) -> Result<Option<Item>, PipelineError> {
+) -> Result<Item, PipelineError> {
     let lsn = match (&e, policy) {
         (AssembleError::Decode { lsn, .. }, OnDecodeError::Raw | OnDecodeError::DeadLetter) => *lsn,
         (AssembleError::Decode { .. }, OnDecodeError::Fail) => {
@@ -620,7 +613,7 @@ fn undecodable(
     let mut headers = std::collections::BTreeMap::new();
     headers.insert("x-lsn".into(), HeaderValue::Str(lsn.to_string()));
     headers.insert("x-error".into(), HeaderValue::Str(truncate(&e.to_string())));
-    Ok(Some(Item::DeadLetter(OutgoingMessage {
+    Ok(Item::DeadLetter(OutgoingMessage {
         routing_key: key.to_string(),
         body: Bytes::from(body),
         message_id: format!("{}-dead-letter", lsn.to_fixed_hex()),
@@ -628,7 +621,7 @@ fn undecodable(
         timestamp: 0,
         kind: "dead_letter".into(),
         headers,
-    })))
+    }))
 }
 
 fn json_str(out: &mut Vec<u8>, s: &str) {
@@ -1303,7 +1296,7 @@ mod tests {
 
         for policy in [OnDecodeError::Raw, OnDecodeError::DeadLetter] {
             let e = a.push(Lsn(0x3000), &data).unwrap_err();
-            let Ok(Some(Item::DeadLetter(m))) =
+            let Ok(Item::DeadLetter(m)) =
                 undecodable(e, policy, "odoo.dead_letter", Some(&data), &metrics)
             else {
                 panic!("expected a dead letter");
