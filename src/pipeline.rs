@@ -507,12 +507,15 @@ where
         }
     }
     .await;
-    if shutting_down {
+    if shutting_down || read_result.is_err() {
         // Stop reading (done) and stop publishing what was read but not yet
-        // handed to the broker; only in-flight confirms are awaited.
+        // handed to the broker; only in-flight confirms are awaited. (After a
+        // failed read the rest would only be published to be replayed.)
         stop_intake.store(true, Ordering::Release);
         intake_stopped.notify_one();
-        tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: waiting for in-flight confirms");
+        if shutting_down {
+            tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: waiting for in-flight confirms");
+        }
     }
     drop(tx);
 

@@ -106,6 +106,8 @@ pub async fn run(cfg: RetentionConfig, metrics: Arc<Metrics>) {
             }
             match measure(c, *version, &cfg.slot).await {
                 Ok(Some(r)) => report(&cfg, &metrics, &r),
+                // Before the first session the slot may not be created yet.
+                Ok(None) if metrics.sessions() == 0 => {}
                 Ok(None) => {
                     tracing::warn!(slot = %cfg.slot, "WAL-retention guard: the slot does not exist")
                 }
