@@ -215,14 +215,22 @@ async fn heartbeats_advance_an_idle_slot_while_other_tables_write() {
             .await
     );
 
-    // Heavy writes outside the publication: several MB of WAL, none of it ours.
-    for _ in 0..8 {
-        db.exec(
-            "INSERT INTO noise (payload) SELECT repeat('x', 500) FROM generate_series(1, 2000)",
-        )
+    // Heavy writes elsewhere in the cluster (another database: another Odoo
+    // tenant, any other application) and in a table of this database outside
+    // the publication: several MB of WAL, none of it ours.
+    let other = TestDb::create("ops_heartbeat_other").await;
+    other
+        .exec("CREATE TABLE noise (id serial PRIMARY KEY, payload text)")
         .await;
+    for i in 0..8 {
+        let target = if i % 2 == 0 { &other } else { &db };
+        target
+            .exec(
+                "INSERT INTO noise (payload) SELECT repeat('x', 500) FROM generate_series(1, 2000)",
+            )
+            .await;
     }
-    let after_noise = db
+    let after_noise = other
         .client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
@@ -245,11 +253,11 @@ async fn heartbeats_advance_an_idle_slot_while_other_tables_write() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    eventually("a heartbeat", 60, || {
+        sample(&scrape(&addr), "odoo_cdc_heartbeats_total").unwrap_or(0.0) >= 1.0
+    })
+    .await;
     let m = scrape(&addr);
-    assert!(
-        sample(&m, "odoo_cdc_heartbeats_total").unwrap() >= 1.0,
-        "{m}"
-    );
     assert!(m.contains("odoo_cdc_slot_retained_wal_bytes "), "{m}");
     assert_eq!(
         sample(&m, "odoo_cdc_slot_wal_status{status=\"reserved\"}"),
@@ -260,6 +268,7 @@ async fn heartbeats_advance_an_idle_slot_while_other_tables_write() {
     assert_eq!(unique_ids(&consumer.snapshot()).len(), 1);
     consumer.delete().await;
     drop(_proc);
+    other.cleanup().await;
     db.cleanup().await;
 }
 
@@ -607,5 +616,62 @@ async fn slot_dropped_while_running_exits_3_instead_of_recreating_it() {
         "the slot must not be re-created silently"
     );
     consumer.delete().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_walsender_is_detected_by_ping_and_the_session_resumes() {
+    let db = TestDb::create("ops_stall").await;
+    db.exec("CREATE TABLE item (id int PRIMARY KEY)").await;
+    let exchange = unique_name("ex");
+    let consumer = consume(&exchange, &unique_name("q"), "#").await;
+    let (creds, host) = pg_base();
+    let proxy = TcpProxy::start(&host);
+    let source = format!("postgres://{creds}@{}/{}", proxy.host_port(), db.name);
+    let amqp = amqp_url();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = common::run_args(&db, &exchange, &amqp);
+    args[2] = &source;
+    args.extend(["--metrics-addr", &addr, "--replication-timeout-secs", "4"]);
+    let _proc = Proc::spawn(&args, &[]);
+    wait_for_slot(&db).await;
+    db.exec("INSERT INTO item VALUES (1)").await;
+    assert!(
+        consumer
+            .wait_until(Duration::from_secs(60), |m| !m.is_empty())
+            .await
+    );
+
+    // A black-holed route: the socket stays open, nothing moves. Only the
+    // ping and its timeout can notice.
+    proxy.stall();
+    eventually("a reconnect for replication_timeout", 60, || {
+        sample(
+            &scrape(&addr),
+            "odoo_cdc_reconnects_total{cause=\"replication_timeout\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    assert_eq!(http_get(&addr, "/readyz").map(|r| r.0), Some(503));
+    db.exec("INSERT INTO item SELECT g FROM generate_series(2, 10) g")
+        .await;
+    // The route heals (the reset also ends the old walsender, which still
+    // holds the slot on the server side).
+    proxy.cut();
+    proxy.restore();
+    assert!(
+        consumer
+            .wait_until(Duration::from_secs(90), |m| unique_ids(m).len() >= 10)
+            .await,
+        "every change arrives after the route heals"
+    );
+    eventually("/readyz 200 again", 60, || {
+        http_get(&addr, "/readyz").is_some_and(|(c, _)| c == 200)
+    })
+    .await;
+    consumer.delete().await;
+    drop(_proc);
     db.cleanup().await;
 }
