@@ -730,6 +730,7 @@ impl<S: Sink> Publisher<S> {
         loop {
             if open && stop_intake.load(Ordering::Acquire) {
                 open = false;
+                self.finish_published_work(&mut rx).await?;
             }
             if !open && self.pending.is_empty() {
                 if !stop_intake.load(Ordering::Acquire) {
@@ -770,6 +771,30 @@ impl<S: Sink> Publisher<S> {
                 }
             }
         }
+    }
+
+    /// On shutdown: takes the items already read that publish nothing new
+    /// (the commit of a transaction whose events are out, safe positions), so
+    /// the final flush covers every transaction fully handed to the broker.
+    /// Stops at the first item that would start new work.
+    async fn finish_published_work(
+        &mut self,
+        rx: &mut mpsc::Receiver<Item>,
+    ) -> Result<(), PipelineError> {
+        while let Ok(item) = rx.try_recv() {
+            match item {
+                Item::Commit { end_lsn } if self.granularity == Granularity::Row => {
+                    self.flush_pending_writes().await?;
+                    self.mark(end_lsn);
+                }
+                Item::Mark(lsn) | Item::Idle(lsn) => {
+                    self.flush_pending_writes().await?;
+                    self.mark(lsn);
+                }
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     fn confirm(&mut self, id: DeliveryId) -> Result<(), PipelineError> {

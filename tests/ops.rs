@@ -458,12 +458,8 @@ async fn undecodable_data_stops_with_exit_5_and_json_logs() {
             && stderr.contains("\"confirmed\":"),
         "{stderr}"
     );
-    // The row before the bad one was published; nothing after it.
-    assert!(
-        consumer
-            .wait_until(Duration::from_secs(30), |m| !m.is_empty())
-            .await
-    );
+    // Nothing after the bad row was published (the row before it may or may
+    // not be: the session stops taking new work when the stream fails).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ids: Vec<i64> = consumer
         .snapshot()
