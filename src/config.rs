@@ -142,6 +142,16 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
         "HOST:PORT serving /metrics, /healthz and /readyz",
     ),
     ("log_format", Kind::Single, "text|json [default: text]"),
+    (
+        "standby_retry_secs",
+        Kind::Single,
+        "while another instance holds the slot, retry every this many seconds (active/standby) [default: 5]",
+    ),
+    (
+        "replication_timeout_secs",
+        Kind::Single,
+        "seconds without any message from the walsender before the connection counts as dead [default: 60]",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,6 +472,10 @@ pub struct Settings {
     pub queue_type: QueueType,
     pub queue_bindings: Vec<String>,
     pub unroutable: Unroutable,
+    /// How often a standby retries a slot another instance holds.
+    pub standby_retry: Duration,
+    /// Silence from the walsender after which the session fails (a stalled network).
+    pub replication_timeout: Duration,
 }
 
 impl Settings {
@@ -575,6 +589,12 @@ impl Settings {
                 Unroutable::Fail,
                 &[("fail", Unroutable::Fail), ("drop", Unroutable::Drop)],
             )?,
+            standby_retry: Duration::from_secs(raw.number("standby_retry_secs", 5u64, 1)?),
+            replication_timeout: Duration::from_secs(raw.number(
+                "replication_timeout_secs",
+                60u64,
+                5,
+            )?),
             source,
         })
     }
@@ -598,6 +618,7 @@ impl Settings {
         s.spill_dir = self.spill_dir.clone();
         s.status_interval = self.status_interval;
         s.max_events_per_message = self.max_events_per_message;
+        s.replication_timeout = self.replication_timeout;
         s
     }
 }

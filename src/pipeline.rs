@@ -86,6 +86,10 @@ pub struct SessionConfig {
     pub max_events_per_message: usize,
     /// How long to wait for in-flight confirms on shutdown.
     pub shutdown_grace: Duration,
+    /// Silence from the walsender after which the connection counts as dead. At
+    /// half of it the status task pings the server (a status update asking for a
+    /// reply), so only a dead or black-holed connection stays silent this long.
+    pub replication_timeout: Duration,
 }
 
 impl SessionConfig {
@@ -111,6 +115,7 @@ impl SessionConfig {
             status_interval: Duration::from_secs(10),
             max_events_per_message: 1000,
             shutdown_grace: Duration::from_secs(30),
+            replication_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -221,6 +226,7 @@ where
     let advanced = Arc::new(Notify::new());
     let reply_now = Arc::new(Notify::new());
     let stop_status = Arc::new(Notify::new());
+    let ping = Arc::new(Notify::new());
 
     // Status task: owns the write half.
     let status_task = {
@@ -228,6 +234,7 @@ where
         let advanced = advanced.clone();
         let reply_now = reply_now.clone();
         let stop_status = stop_status.clone();
+        let ping = ping.clone();
         let interval = cfg.status_interval;
         let metrics = metrics.clone();
         tokio::spawn(async move {
@@ -237,9 +244,11 @@ where
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let mut finishing = false;
+                let mut want_reply = false;
                 tokio::select! {
                     _ = ticker.tick() => {}
                     _ = reply_now.notified() => {}
+                    _ = ping.notified() => { want_reply = true; }
                     _ = advanced.notified() => {
                         // Report progress promptly, but at most twice a second.
                         let since = last_time.elapsed();
@@ -250,7 +259,7 @@ where
                     _ = stop_status.notified() => { finishing = true; }
                 }
                 let lsn = Lsn(confirmed.load(Ordering::Acquire));
-                status.send_status(lsn, lsn, lsn, false).await?;
+                status.send_status(lsn, lsn, lsn, want_reply).await?;
                 metrics.set_confirmed_lsn(lsn);
                 if lsn != last_sent {
                     tracing::debug!(flush = %lsn, "reported flush LSN");
@@ -279,12 +288,33 @@ where
 
     let mut assembler = Assembler::new(describer, cfg.stream_mem_budget, cfg.spill_dir.clone());
     tokio::pin!(shutdown);
+    let half_timeout = cfg.replication_timeout / 2;
     let read_result: Result<(), PipelineError> = async {
+        let mut pinged = false;
         loop {
             let msg = tokio::select! {
                 biased;
                 _ = &mut shutdown => return Ok(()),
-                m = reader.next() => m?,
+                m = tokio::time::timeout(half_timeout, reader.next()) => match m {
+                    Ok(m) => {
+                        pinged = false;
+                        m?
+                    }
+                    // Silence: ask the server for a keepalive before giving up,
+                    // since an idle walsender need not send anything.
+                    Err(_) if !pinged => {
+                        pinged = true;
+                        ping.notify_one();
+                        continue;
+                    }
+                    Err(_) => {
+                        return Err(ReplicationError::Timeout {
+                            what: "waiting for any message from the walsender (a ping went unanswered)".into(),
+                            after: cfg.replication_timeout,
+                        }
+                        .into());
+                    }
+                },
             };
             match msg {
                 None => return Err(PipelineError::StreamEnded),
