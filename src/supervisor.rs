@@ -114,7 +114,6 @@ where
     let sessions = async {
         loop {
             let mut stop = stop_rx.clone();
-            let progress_before = metrics.confirmed_lsn();
             let result = async {
                 let sink = RabbitSink::connect(rabbit.clone()).await?;
                 metrics.sink_up.store(1, Ordering::Relaxed);
@@ -141,12 +140,8 @@ where
                     return Ok(());
                 }
                 Err(e) if e.is_retryable() && !*stop_rx.borrow() => {
-                    // A session that moved the slot was healthy: this failure is
-                    // a new incident, so the backoff starts over.
-                    if metrics.confirmed_lsn() > progress_before {
-                        backoff.reset();
-                    }
-                    let delay = retry_delay(&e, &mut backoff, settings.standby_retry);
+                    let delay =
+                        crate::standby::retry_delay(&e, &mut backoff, settings.standby_retry);
                     metrics.reconnect(cause_of(&e));
                     metrics.circuit_open.store(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "session failed; resuming from the slot's confirmed LSN");
@@ -173,30 +168,6 @@ where
             sessions.await
         }
     }
-}
-
-/// Whether `e` says another instance holds the slot: this instance is a standby.
-pub fn slot_in_use(e: &PipelineError) -> bool {
-    use crate::replication::ReplicationError;
-    let sqlstate_in_use = |e: &ReplicationError| e.sqlstate() == Some("55006");
-    match e {
-        PipelineError::Slot(crate::slot::SlotError::InUse { .. }) => true,
-        PipelineError::Slot(crate::slot::SlotError::Replication(r)) => sqlstate_in_use(r),
-        PipelineError::Replication(r) => sqlstate_in_use(r),
-        _ => false,
-    }
-}
-
-/// How long to wait before the next session after `e`. A standby polls the
-/// slot at a fixed period, so it takes over within that period once the
-/// active instance is gone (exponential backoff would stretch a long wait into
-/// 30 s steps); every other failure backs off.
-pub fn retry_delay(e: &PipelineError, backoff: &mut Backoff, standby_retry: Duration) -> Duration {
-    if slot_in_use(e) {
-        backoff.reset();
-        return standby_retry;
-    }
-    backoff.next_delay()
 }
 
 fn cause_of(e: &PipelineError) -> &'static str {
@@ -230,24 +201,5 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(101));
-    }
-
-    #[test]
-    fn a_standby_polls_at_its_period_and_other_failures_back_off() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-        let in_use = PipelineError::Slot(crate::slot::SlotError::InUse {
-            slot: "s".into(),
-            pid: "42".into(),
-        });
-        let other = PipelineError::StreamEnded;
-        for _ in 0..8 {
-            assert!(retry_delay(&other, &mut b, Duration::from_secs(2)) <= Duration::from_secs(30));
-        }
-        assert_eq!(
-            retry_delay(&in_use, &mut b, Duration::from_secs(2)),
-            Duration::from_secs(2)
-        );
-        // waiting for the slot reset the backoff
-        assert!(retry_delay(&other, &mut b, Duration::from_secs(2)) <= Duration::from_secs(1));
     }
 }
