@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::broker::{ResilientConsumer, delete_queue};
 use common::{Proc, TestDb, unique_name, wait_for_slot};
 
 fn instance(db: &TestDb, name: &str, exchange: &str, amqp: &str) -> Proc {
@@ -77,8 +78,10 @@ async fn the_standby_takes_over_the_slot_when_the_active_instance_dies() {
     db.exec("CREATE TABLE item (id int PRIMARY KEY, note text)")
         .await;
     let exchange = unique_name("ex");
-    let consumer = common::amqp::consume(&exchange, &unique_name("q"), "#").await;
     let amqp = common::amqp_url();
+    let queue = unique_name("q");
+    // Resilient: the shared broker may close every connection under us.
+    let consumer = ResilientConsumer::start(&amqp, &exchange, &queue, "#").await;
 
     let mut a = instance(&db, "cdc_a", &exchange, &amqp);
     wait_for_slot(&db).await;
@@ -117,12 +120,14 @@ async fn the_standby_takes_over_the_slot_when_the_active_instance_dies() {
     // kill -9 A: B takes over.
     a.kill9();
     let takeover_b = wait_holder(&db, "cdc_b").await;
-    assert!(
-        consumer
-            .wait_until(Duration::from_secs(60), |m| m.len() > before + 50)
-            .await,
-        "B publishes after taking over"
-    );
+    let t0 = Instant::now();
+    while consumer.len() <= before + 50 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "B publishes after taking over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A comes back as the standby; then B dies and A takes over again.
     let mut a = instance(&db, "cdc_a", &exchange, &amqp);
@@ -135,16 +140,12 @@ async fn the_standby_takes_over_the_slot_when_the_active_instance_dies() {
 
     stop.store(true, Ordering::Relaxed);
     let rows = writer.await.unwrap() as usize;
-    let ok = consumer
-        .wait_until(Duration::from_secs(120), |m| {
-            m.iter()
-                .map(|g| g.message_id.as_str())
-                .collect::<HashSet<_>>()
-                .len()
-                >= rows
-        })
-        .await;
-    let got = consumer.snapshot();
+    let t0 = Instant::now();
+    while consumer.unique() < rows && t0.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ok = consumer.unique() >= rows;
+    let got = consumer.stop().await;
     assert!(ok, "only {} messages for {rows} rows", got.len());
     let ids: HashSet<i64> = got
         .iter()
@@ -161,6 +162,6 @@ async fn the_standby_takes_over_the_slot_when_the_active_instance_dies() {
         got.len() - unique.len()
     );
     drop(a);
-    consumer.delete().await;
+    delete_queue(&amqp, &queue).await;
     db.cleanup().await;
 }

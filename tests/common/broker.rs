@@ -325,6 +325,26 @@ impl ResilientConsumer {
     }
 }
 
+/// Deletes a queue a [`ResilientConsumer`] declared (they are durable).
+pub async fn delete_queue(url: &str, queue: &str) {
+    let Ok(Ok(conn)) = tokio::time::timeout(
+        Duration::from_secs(10),
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            ch.queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default()),
+        )
+        .await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
 async fn consume_once(
     url: &str,
     exchange: &str,
