@@ -281,7 +281,8 @@ if [ "$got" != "$want" ]; then
   printf '[demo] error: the order service has %s (orders lines partners), the database %s\n' "$got" "$want" >&2
   status=1
 else
-  say "check: the order service's copy equals the database ($want orders, lines, partners)"
+  set -- $want
+  say "check: the order service's copy equals the database ($1 orders, $2 lines, $3 partners)"
 fi
 if [ "$depth" != "$expected" ]; then
   printf '[demo] error: queue %s holds %s messages, the workload changed %s order rows\n' "$QUEUE" "$depth" "$expected" >&2
