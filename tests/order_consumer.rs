@@ -416,3 +416,107 @@ async fn consumer_keeps_serving_while_postgres_is_down_and_catches_up_without_du
         .await;
     let _ = conn.close(200, "done".into()).await;
 }
+
+/// The read model's rules on their own (no services): positions, duplicates,
+/// stale events, tombstones, unchanged TOAST, truncate.
+mod model_rules {
+    use super::order_consumer::{Model, Outcome, Position};
+    use serde_json::{Value, json};
+
+    fn pos(lsn: u64, seq: u32) -> Position {
+        Position {
+            commit_lsn: lsn,
+            seq,
+        }
+    }
+
+    fn ev(op: &str, table: &str, id: i64, after: Value) -> Value {
+        json!({"op": op, "source": {"schema": "public", "table": table}, "key": {"id": id},
+               "before": null, "after": after, "unchanged_toast": []})
+    }
+
+    #[test]
+    fn message_ids_parse_and_order_like_the_wal() {
+        let a = Position::from_message_id("00000000016B37A0-00000003").unwrap();
+        assert_eq!(a, pos(0x16B37A0, 3));
+        assert_eq!(a.message_id(), "00000000016B37A0-00000003");
+        assert!(pos(1, 9) < pos(2, 0) && pos(2, 0) < pos(2, 1));
+        assert!(Position::from_message_id("16B37A0-3").is_none());
+        assert!(Position::from_message_id("not-an-id").is_none());
+    }
+
+    #[test]
+    fn duplicates_and_stale_events_are_skipped_and_counted() {
+        let mut m = Model::default();
+        let mut w = Vec::new();
+        let v1 = ev("c", "sale_order", 1, json!({"id": 1, "state": "draft"}));
+        let v2 = ev("u", "sale_order", 1, json!({"id": 1, "state": "sale"}));
+        assert_eq!(m.apply(pos(10, 0), &v1, &mut w), Ok(Outcome::Applied));
+        assert_eq!(m.apply(pos(20, 0), &v2, &mut w), Ok(Outcome::Applied));
+        assert_eq!(m.apply(pos(20, 0), &v2, &mut w), Ok(Outcome::Duplicate));
+        assert_eq!(m.apply(pos(10, 0), &v1, &mut w), Ok(Outcome::Stale));
+        assert_eq!(m.get("sale_order", 1).unwrap().data["state"], "sale");
+        assert_eq!(w.len(), 2, "only applied events are written");
+        let c = m.counters;
+        assert_eq!((c.applied, c.duplicates, c.stale), (2, 1, 1));
+
+        // A delete leaves a tombstone: the replayed insert cannot resurrect the row.
+        let d = json!({"op": "d", "source": {"table": "sale_order"}, "key": {"id": 1},
+                       "before": {"id": 1}, "after": null});
+        assert_eq!(m.apply(pos(30, 0), &d, &mut w), Ok(Outcome::Applied));
+        assert_eq!(m.apply(pos(10, 0), &v1, &mut w), Ok(Outcome::Stale));
+        assert!(m.get("sale_order", 1).is_none());
+        assert_eq!(m.count("sale_order"), 0);
+
+        // Other tables and logical messages are not this model's business.
+        let other = ev("c", "stock_move", 5, json!({"id": 5}));
+        assert_eq!(m.apply(pos(40, 0), &other, &mut w), Ok(Outcome::Ignored));
+        let msg = json!({"op": "m", "source": {}, "message": {"prefix": "x"}});
+        assert_eq!(m.apply(pos(41, 0), &msg, &mut w), Ok(Outcome::Ignored));
+    }
+
+    #[test]
+    fn unchanged_toast_keeps_the_previous_value() {
+        let mut m = Model::default();
+        let mut w = Vec::new();
+        let c = ev(
+            "c",
+            "res_partner",
+            7,
+            json!({"id": 7, "name": "A", "comment": "long"}),
+        );
+        m.apply(pos(1, 0), &c, &mut w).unwrap();
+        let mut u = ev("u", "res_partner", 7, json!({"id": 7, "name": "B"}));
+        u["unchanged_toast"] = json!(["comment"]);
+        m.apply(pos(2, 0), &u, &mut w).unwrap();
+        let row = &m.get("res_partner", 7).unwrap().data;
+        assert_eq!(
+            (row["name"].as_str(), row["comment"].as_str()),
+            (Some("B"), Some("long"))
+        );
+    }
+
+    #[test]
+    fn truncate_clears_older_rows_and_blocks_their_replay() {
+        let mut m = Model::default();
+        let mut w = Vec::new();
+        let line = ev("c", "sale_order_line", 3, json!({"id": 3, "order_id": 1}));
+        m.apply(pos(5, 0), &line, &mut w).unwrap();
+        let t = json!({"op": "t", "source": {"table": "sale_order_line"}, "key": null,
+                       "before": null, "after": null});
+        assert_eq!(m.apply(pos(6, 0), &t, &mut w), Ok(Outcome::Applied));
+        assert_eq!(m.count("sale_order_line"), 0);
+        assert_eq!(m.apply(pos(5, 0), &line, &mut w), Ok(Outcome::Stale));
+        assert_eq!(m.apply(pos(6, 0), &t, &mut w), Ok(Outcome::Duplicate));
+        assert_eq!(m.apply(pos(7, 0), &line, &mut w), Ok(Outcome::Applied));
+        assert_eq!(m.count("sale_order_line"), 1);
+    }
+
+    #[test]
+    fn an_event_without_a_key_is_an_error_naming_the_table() {
+        let mut m = Model::default();
+        let bad = json!({"op": "c", "source": {"table": "sale_order"}, "key": null, "after": {}});
+        let e = m.apply(pos(1, 0), &bad, &mut Vec::new()).unwrap_err();
+        assert!(e.contains("sale_order") && e.contains("key.id"), "{e}");
+    }
+}
