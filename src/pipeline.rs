@@ -433,6 +433,9 @@ where
                     return Ok(());
                 }
                 m = reader.next() => m?,
+                // The publisher stopped (its error is the one to report): do
+                // not wait for the next WAL message to find out.
+                _ = tx.closed() => return Ok(()),
                 _ = tokio::time::sleep_until(deadline) => {
                     if silent_since_ping {
                         return Err(PipelineError::WalsenderSilent(cfg.replication_timeout));
@@ -519,8 +522,8 @@ where
     }
     drop(tx);
 
-    // The publisher drains what was read (unless shutting down), then waits for
-    // confirms; on shutdown bounded by the grace period.
+    // The publisher finishes what it handed to the broker: it waits for the
+    // confirms, on shutdown bounded by the grace period.
     let grace = if shutting_down {
         cfg.shutdown_grace
     } else {
@@ -540,7 +543,11 @@ where
         }
     };
     stop_status.notify_one();
-    let status_result = tokio::time::timeout(Duration::from_secs(10), status_task).await;
+    let mut status_task = status_task;
+    let status_result = tokio::time::timeout(Duration::from_secs(10), &mut status_task).await;
+    if status_result.is_err() {
+        status_task.abort();
+    }
     drop(reader);
     read_result?;
     publish_result?;
@@ -766,7 +773,9 @@ impl<S: Sink> Publisher<S> {
                     }
                 }
                 _ = health.tick() => {
-                    let usable = self.sink.check()?;
+                    let usable = self.sink.check().inspect_err(|_| {
+                        self.metrics.sink_up.store(0, Ordering::Relaxed);
+                    })?;
                     self.metrics.sink_up.store(u64::from(usable), Ordering::Relaxed);
                 }
             }
