@@ -673,3 +673,91 @@ async fn a_stalled_walsender_is_detected_by_ping_and_the_session_resumes() {
     drop(_proc);
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_exits_3() {
+    // A cluster of our own: max_slot_wal_keep_size makes the server give up a
+    // slot that falls too far behind (what protects Odoo's disk).
+    let cluster = common::cluster::PrivateCluster::start(&[("max_slot_wal_keep_size", "1MB")]);
+    let admin = connect(&cluster.admin_url()).await;
+    admin.batch_execute("CREATE DATABASE inv").await.unwrap();
+    let db = connect(&cluster.url("inv")).await;
+    db.batch_execute("CREATE TABLE item (id int PRIMARY KEY); CREATE TABLE filler (x text)")
+        .await
+        .unwrap();
+    let exchange = unique_name("ex");
+    let consumer = consume(&exchange, &unique_name("q"), "#").await;
+    let source = cluster.url("inv");
+    let amqp = amqp_url();
+    let args = [
+        "run",
+        "--source",
+        &source,
+        "--amqp",
+        &amqp,
+        "--exchange",
+        &exchange,
+        "--slot",
+        "inv_slot",
+        "--publication",
+        "inv_pub",
+        "--create-slot",
+        "--create-publication",
+    ];
+    let mut proc = Proc::spawn(&args, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'inv_slot' AND active",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "the connector did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.batch_execute("INSERT INTO item VALUES (1)")
+        .await
+        .unwrap();
+    assert!(
+        consumer
+            .wait_until(Duration::from_secs(60), |m| !m.is_empty())
+            .await
+    );
+    // The connector dies; meanwhile the database writes well past the limit.
+    proc.kill9();
+    for _ in 0..4 {
+        db.batch_execute(
+            "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 20000);
+             SELECT pg_switch_wal();",
+        )
+        .await
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        admin.batch_execute("CHECKPOINT").await.unwrap();
+        let status: Option<String> = admin
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'inv_slot'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if status.as_deref() == Some("lost") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot was not invalidated: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (code, err) = run_to_exit(&args, 60);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("invalidated"), "{err}");
+    consumer.delete().await;
+}
