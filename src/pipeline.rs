@@ -1314,6 +1314,37 @@ mod tests {
     }
 
     #[test]
+    fn raw_bytes_that_are_not_utf8_travel_as_base64() {
+        let mut ev = bad_event(0);
+        let rel = Arc::new(Relation::new(
+            16401,
+            "public",
+            "t",
+            ReplicaIdentity::Default,
+            vec![
+                Column::new("id", 23, -1, true),
+                Column::new("note", 25, -1, false),
+            ],
+        ));
+        ev.table = Some(Arc::new(TableInfo::plain(rel)));
+        ev.new = Some(TupleData {
+            columns: vec![
+                ColumnValue::Text(Bytes::from_static(b"2")),
+                ColumnValue::Text(Bytes::from_static(b"caf\xe9")),
+            ],
+        });
+        let opts = EncodeOptions { db: "odoo".into() };
+        assert!(encode_json(&ev, &opts, &mut Vec::new()).is_err());
+        let mut out = Vec::new();
+        let raw = crate::event::encode_json_raw(&ev, &opts, &mut out).unwrap();
+        assert_eq!(raw, ["note"]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["after"], serde_json::json!({"id": 2, "note": "Y2Fm6Q=="}));
+        assert_eq!(v["source"]["raw_columns"], serde_json::json!(["note"]));
+        assert_eq!(v["source"]["table"], "t");
+    }
+
+    #[test]
     fn an_unknown_pgoutput_message_fails_or_goes_to_the_dead_letter_key() {
         let metrics = Metrics::new();
         let data = Bytes::from_static(b"\x01future message");

@@ -122,6 +122,14 @@ async fn metrics_move_and_readiness_follows_the_broker() {
         Some(1.0)
     );
     assert_eq!(sample(&m, "odoo_cdc_ready"), Some(1.0));
+    for series in [
+        "odoo_cdc_in_flight_messages",
+        "odoo_cdc_replication_lag_bytes",
+        "odoo_cdc_replication_lag_seconds",
+        "odoo_cdc_published_bytes_total",
+    ] {
+        assert!(sample(&m, series).is_some(), "{series} missing:\n{m}");
+    }
     // The slot's flush position is reported and becomes visible.
     eventually("confirmed LSN gauge", 60, || {
         sample(&scrape(&addr), "odoo_cdc_confirmed_lsn").unwrap_or(0.0) > 0.0
