@@ -423,6 +423,25 @@ where
     tokio::pin!(shutdown);
     let mut shutting_down = false;
     let read_result: Result<(), PipelineError> = async {
+        // Hands an item to the publisher; gives up at once on shutdown (even
+        // while the publisher pushes back) or when the publisher has stopped.
+        macro_rules! send {
+            ($item:expr) => {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => {
+                        shutting_down = true;
+                        return Ok(());
+                    }
+                    r = tx.send($item) => {
+                        if r.is_err() {
+                            // The publisher stopped: its error is the one to report.
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+        }
         let mut silent_since_ping = false;
         let mut deadline = tokio::time::Instant::now() + half_timeout;
         loop {
@@ -456,9 +475,7 @@ where
                     metrics.add_wal_bytes(data.len());
                     if let Err(e) = assembler.push(wal_start, &data) {
                         let item = undecodable(e, policy, &dead_letter_key, Some(&data), &metrics)?;
-                        if tx.send(item).await.is_err() {
-                            return Ok(());
-                        }
+                        send!(item);
                     }
                     loop {
                         let out = match assembler.next() {
@@ -467,9 +484,7 @@ where
                             Err(e) => {
                                 let item =
                                     undecodable(e, policy, &dead_letter_key, None, &metrics)?;
-                                if tx.send(item).await.is_err() {
-                                    return Ok(());
-                                }
+                                send!(item);
                                 continue;
                             }
                         };
@@ -487,10 +502,7 @@ where
                             Output::Commit { end_lsn, .. } => Item::Commit { end_lsn },
                             Output::Progress(lsn) => Item::Mark(lsn),
                         };
-                        if tx.send(item).await.is_err() {
-                            // The publisher stopped: its error is the one to report.
-                            return Ok(());
-                        }
+                        send!(item);
                     }
                 }
                 Some(ReplicationMessage::Keepalive {
@@ -499,8 +511,8 @@ where
                     ..
                 }) => {
                     metrics.set_server_wal_end(wal_end);
-                    if !assembler.in_transaction() && tx.send(Item::Idle(wal_end)).await.is_err() {
-                        return Ok(());
+                    if !assembler.in_transaction() {
+                        send!(Item::Idle(wal_end));
                     }
                     if reply_requested {
                         reply_now.notify_one();

@@ -769,3 +769,69 @@ async fn an_invalidated_slot_exits_3() {
     assert!(err.contains("invalidated"), "{err}");
     consumer.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_broker_stalled_exits_0_after_the_grace_period_without_acknowledging() {
+    let db = TestDb::create("ops_grace").await;
+    db.exec("CREATE TABLE item (id int PRIMARY KEY)").await;
+    let exchange = unique_name("ex");
+    let consumer = consume(&exchange, &unique_name("q"), "#").await;
+    let proxy = TcpProxy::start("127.0.0.1:5672");
+    let stalled_amqp = amqp_url().replace("127.0.0.1:5672", &proxy.host_port());
+    let mut args = common::run_args(&db, &exchange, &stalled_amqp);
+    args.extend([
+        "--shutdown-grace-secs",
+        "3",
+        "--confirm-timeout-secs",
+        "120",
+    ]);
+    let mut proc = Proc::spawn(&args, &[]);
+    wait_for_slot(&db).await;
+    db.exec("INSERT INTO item VALUES (1)").await;
+    assert!(
+        consumer
+            .wait_until(Duration::from_secs(60), |m| !m.is_empty())
+            .await
+    );
+    // The broker stops answering: publishes go out, confirms never come.
+    proxy.stall();
+    db.exec("INSERT INTO item SELECT g FROM generate_series(2, 20) g")
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    assert_eq!(
+        proc.terminate(),
+        Some(0),
+        "clean exit after the grace period"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "shutdown is bounded by the grace period, not the confirm timeout"
+    );
+    let flushed = parse_lsn(&db.confirmed_flush_lsn(&db.name).await.unwrap());
+
+    // Nothing unconfirmed was acknowledged: a restart delivers the rest.
+    proxy.restore();
+    let amqp = amqp_url();
+    let args = common::run_args(&db, &exchange, &amqp);
+    let _proc = Proc::spawn(&args, &[]);
+    assert!(
+        consumer
+            .wait_until(Duration::from_secs(90), |m| unique_ids(m).len() >= 20)
+            .await,
+        "the rows written while the broker stalled arrive after the restart"
+    );
+    let stalled_commit = consumer
+        .snapshot()
+        .iter()
+        .find(|g| g.json()["after"]["id"] == 2)
+        .map(|g| parse_lsn(g.header("x-commit-lsn").unwrap()))
+        .unwrap();
+    assert!(
+        flushed <= stalled_commit,
+        "the slot was acknowledged past an unconfirmed transaction: {flushed:X} > {stalled_commit:X}"
+    );
+    consumer.delete().await;
+    drop(_proc);
+    db.cleanup().await;
+}
