@@ -148,6 +148,11 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
         "on SIGTERM/SIGINT, seconds to wait for in-flight confirms [default: 30]",
     ),
     (
+        "standby_retry_secs",
+        Kind::Single,
+        "while another instance holds the slot, retry every this many seconds (active/standby) [default: 5]",
+    ),
+    (
         "replication_timeout_secs",
         Kind::Single,
         "seconds of silence from the walsender (after a ping) before reconnecting [default: 60]",
@@ -512,6 +517,8 @@ pub struct Settings {
     pub slot_check_interval: Option<Duration>,
     pub max_retained_wal: u64,
     pub on_decode_error: OnDecodeError,
+    /// How often a standby retries a slot another instance holds.
+    pub standby_retry: Duration,
 }
 
 impl Settings {
@@ -656,6 +663,7 @@ impl Settings {
                 Unroutable::Fail,
                 &[("fail", Unroutable::Fail), ("drop", Unroutable::Drop)],
             )?,
+            standby_retry: Duration::from_secs(raw.number("standby_retry_secs", 5u64, 1)?),
             source,
         })
     }

@@ -33,6 +33,7 @@ pub mod secret;
 pub mod sink;
 pub mod slot;
 pub mod spill;
+pub mod standby;
 pub mod supervisor;
 pub mod tail;
 pub mod transaction;

@@ -195,6 +195,7 @@ where
     F: std::future::Future<Output = ()>,
 {
     let mut session = settings.session();
+    let standby_retry = settings.standby_retry;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let guard = tokio::spawn(crate::retention::run(
         RetentionConfig {
@@ -250,7 +251,7 @@ where
                     if started.elapsed() >= HEALTHY_SESSION {
                         backoff.reset();
                     }
-                    let delay = backoff.next_delay();
+                    let delay = crate::standby::retry_delay(&e, &mut backoff, standby_retry);
                     let cause = e.reconnect_cause();
                     metrics.reconnect(cause);
                     set_state(&metrics, CircuitState::BackingOff, backoff.attempts());
