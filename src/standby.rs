@@ -7,23 +7,14 @@
 
 use std::time::Duration;
 
+use crate::metrics::ReconnectCause;
 use crate::pipeline::PipelineError;
-use crate::replication::ReplicationError;
-use crate::slot::SlotError;
 use crate::supervisor::Backoff;
 
-/// SQLSTATE `object_in_use`: START_REPLICATION on a slot another walsender holds
-/// (the race after our own check of `active_pid` said it was free).
-const OBJECT_IN_USE: &str = "55006";
-
 /// Whether `e` says another instance holds the slot: this instance is a standby.
+/// The classification lives with the other reconnect causes in the pipeline.
 pub fn slot_in_use(e: &PipelineError) -> bool {
-    let in_use = |r: &ReplicationError| r.sqlstate() == Some(OBJECT_IN_USE);
-    match e {
-        PipelineError::Slot(SlotError::InUse { .. }) => true,
-        PipelineError::Slot(SlotError::Replication(r)) | PipelineError::Replication(r) => in_use(r),
-        _ => false,
-    }
+    e.reconnect_cause() == ReconnectCause::SlotInUse
 }
 
 /// How long to wait before the next session after the retryable failure `e`:
@@ -40,6 +31,7 @@ pub fn retry_delay(e: &PipelineError, backoff: &mut Backoff, standby_retry: Dura
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::slot::SlotError;
 
     #[test]
     fn a_standby_polls_at_its_period_and_other_failures_back_off() {
