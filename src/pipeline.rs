@@ -76,6 +76,12 @@ pub struct SessionConfig {
     pub routing: Routing,
     /// Unconfirmed messages allowed in flight.
     pub window: usize,
+    /// Bytes of unconfirmed message bodies allowed in flight (at least one
+    /// message always is). The window alone counts messages, and a transaction
+    /// granularity part holds up to `max_events_per_message` events: without
+    /// this, a stalled broker let thousands of parts pile up in the AMQP
+    /// client's write buffer instead of pushing back on the walsender.
+    pub max_in_flight_bytes: usize,
     /// Items buffered between reader and publisher.
     pub channel_capacity: usize,
     /// Memory budget for buffered streamed transactions, bytes.
@@ -111,6 +117,7 @@ impl SessionConfig {
             encode: EncodeOptions { db: db.clone() },
             routing: Routing::new(db, None),
             window: 2048,
+            max_in_flight_bytes: 16 * 1024 * 1024,
             channel_capacity: 4096,
             stream_mem_budget: 64 * 1024 * 1024,
             spill_dir: None,
@@ -670,6 +677,8 @@ struct Publisher<S: Sink> {
     advanced: Arc<Notify>,
     metrics: Arc<Metrics>,
     window: usize,
+    in_flight_bytes: usize,
+    max_in_flight_bytes: usize,
     granularity: Granularity,
     format: Format,
     encode: EncodeOptions,
@@ -685,7 +694,10 @@ struct Publisher<S: Sink> {
 }
 
 type PendingConfirm = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (DeliveryId, Instant, Result<(), SinkError>)> + Send>,
+    Box<
+        dyn std::future::Future<Output = (DeliveryId, Instant, usize, Result<(), SinkError>)>
+            + Send,
+    >,
 >;
 
 /// Transaction granularity: the part being filled.
@@ -717,6 +729,8 @@ impl<S: Sink> Publisher<S> {
             advanced,
             metrics,
             window: cfg.window.max(1),
+            in_flight_bytes: 0,
+            max_in_flight_bytes: cfg.max_in_flight_bytes,
             granularity: cfg.granularity,
             format: cfg.format,
             encode: cfg.encode.clone(),
@@ -757,16 +771,17 @@ impl<S: Sink> Publisher<S> {
                 }
                 return Ok(());
             }
-            let mut can_take = open && self.checkpoint.in_flight() < self.window;
+            let mut can_take = open && self.has_room();
             if !can_take && open && self.pending.is_empty() {
                 // The window is full of write-then-flush deliveries: make them
                 // durable to free it (a transaction larger than the window).
                 self.flush_pending_writes().await?;
-                can_take = self.checkpoint.in_flight() < self.window;
+                can_take = self.has_room();
             }
             tokio::select! {
                 biased;
-                Some((id, started, res)) = self.pending.next(), if !self.pending.is_empty() => {
+                Some((id, started, bytes, res)) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.in_flight_bytes -= bytes;
                     res?;
                     self.metrics.observe_confirm(started.elapsed());
                     self.confirm(id)?;
@@ -792,6 +807,12 @@ impl<S: Sink> Publisher<S> {
                 }
             }
         }
+    }
+
+    /// Whether another message may be published before confirms come back.
+    fn has_room(&self) -> bool {
+        self.checkpoint.in_flight() < self.window
+            && self.in_flight_bytes < self.max_in_flight_bytes.max(1)
     }
 
     /// On shutdown: takes the items already read that publish nothing new
@@ -1032,8 +1053,9 @@ impl<S: Sink> Publisher<S> {
             Confirm::Pending(fut) => {
                 let started = Instant::now();
                 let fut: ConfirmFuture = fut;
+                self.in_flight_bytes += bytes;
                 self.pending
-                    .push(Box::pin(async move { (id, started, fut.await) }));
+                    .push(Box::pin(async move { (id, started, bytes, fut.await) }));
             }
         }
         Ok(())
