@@ -13,17 +13,21 @@
 //! module named after it.
 
 pub mod app;
+pub mod catalog;
 pub mod check;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod describer;
 pub mod event;
+pub mod filter;
 pub mod lsn;
 pub mod metrics;
 pub mod odoo;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod protobuf;
+pub mod publication;
 pub mod replication;
 pub mod routing;
 pub mod schema;

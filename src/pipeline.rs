@@ -86,6 +86,8 @@ pub struct SessionConfig {
     pub max_events_per_message: usize,
     /// How long to wait for in-flight confirms on shutdown.
     pub shutdown_grace: Duration,
+    /// Table/column filters, profile and publication mode.
+    pub selection: crate::filter::SelectionConfig,
 }
 
 impl SessionConfig {
@@ -111,6 +113,7 @@ impl SessionConfig {
             status_interval: Duration::from_secs(10),
             max_events_per_message: 1000,
             shutdown_grace: Duration::from_secs(30),
+            selection: crate::filter::SelectionConfig::default(),
         }
     }
 }

@@ -17,7 +17,6 @@ use crate::config::{QueueType as CfgQueueType, Settings, Unroutable};
 use crate::metrics::Metrics;
 use crate::pipeline::{PipelineError, Stopped, run_session};
 use crate::sink::rabbitmq::{QueueSpec, QueueType, RabbitConfig, RabbitSink, UnroutablePolicy};
-use crate::transaction::PlainTables;
 
 /// Exponential backoff with full jitter, capped.
 #[derive(Debug, Clone)]
@@ -122,7 +121,7 @@ where
                 let r = run_session(
                     &session,
                     sink,
-                    Box::new(PlainTables),
+                    crate::describer::for_session(&session).await?,
                     metrics.clone(),
                     async move {
                         let _ = stop.wait_for(|s| *s).await;

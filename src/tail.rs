@@ -14,7 +14,6 @@ use crate::metrics::Metrics;
 use crate::pipeline::{PipelineError, Stopped, run_session};
 use crate::sink::stdout::StdoutSink;
 use crate::supervisor::Backoff;
-use crate::transaction::PlainTables;
 
 /// Runs until `shutdown` resolves or a fatal error.
 pub async fn tail<F>(settings: &Settings, shutdown: F) -> Result<Stopped, PipelineError>
@@ -29,15 +28,18 @@ where
     let sessions = async {
         loop {
             let mut stop = stop_rx.clone();
-            let r = run_session(
-                &session,
-                StdoutSink::stdout(),
-                Box::new(PlainTables),
-                metrics.clone(),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )
+            let r = async {
+                run_session(
+                    &session,
+                    StdoutSink::stdout(),
+                    crate::describer::for_session(&session).await?,
+                    metrics.clone(),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
+                .await
+            }
             .await;
             match r {
                 Err(e) if e.is_retryable() && !*stop_rx.borrow() => {
