@@ -377,7 +377,7 @@ async fn selection_findings(
             }
             (PublicationMode::Create, Some(f)) if f.all_tables => out.push(Finding::block(
                 format!("publication {name} is FOR ALL TABLES: --publication-mode create keeps a publication to the selected tables"),
-                format!("use --publication-mode existing, or another publication name with --publication-mode create"),
+                "use --publication-mode existing, or another publication name with --publication-mode create",
             )),
             (PublicationMode::Create, Some(f)) => {
                 let have: std::collections::BTreeSet<u32> = f.tables.iter().map(|(o, _, _)| *o).collect();

@@ -90,10 +90,7 @@ impl CatalogDescriber {
             f.schema == relation.schema
                 && f.name == relation.table
                 && f.replident == replident_char(relation.replica_identity)
-                && relation
-                    .columns
-                    .iter()
-                    .all(|c| f.columns.iter().any(|n| *n == c.name))
+                && relation.columns.iter().all(|c| f.columns.contains(&c.name))
         })
     }
 
