@@ -188,15 +188,16 @@ pub async fn findings(settings: &Settings) -> Result<Vec<Finding>, String> {
     let has_wal_status = version >= 130000;
     let retained = q(format!(
         "SELECT slot_name, {}, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, active, \
-         database = current_database() FROM pg_replication_slots ORDER BY slot_name",
+         database = current_database(), coalesce(database, '-') FROM pg_replication_slots ORDER BY database = current_database() DESC, slot_name",
         if has_wal_status { "wal_status" } else { "NULL" }
     ))
     .await?;
     for r in retained {
-        let name = r[0].clone().unwrap_or_default();
+        let slot = r[0].clone().unwrap_or_default();
+        let name = format!("{slot} (database {})", r[5].clone().unwrap_or_default());
         let bytes: i64 = r[2].clone().unwrap_or_default().parse().unwrap_or(0);
-        let ours = name == settings.slot && r[4].as_deref() == Some("t");
-        let drop = format!("SELECT pg_drop_replication_slot({});", quote_literal(&name));
+        let ours = slot == settings.slot && r[4].as_deref() == Some("t");
+        let drop = format!("SELECT pg_drop_replication_slot({});", quote_literal(&slot));
         if r[1].as_deref() == Some("lost") {
             let what = format!(
                 "slot {name} is invalidated (wal_status = lost): the WAL it needed is gone"
@@ -219,7 +220,7 @@ pub async fn findings(settings: &Settings) -> Result<Vec<Finding>, String> {
             ));
         } else {
             out.push(Finding::ok(format!(
-                "slot {name} ({}) retains {} KiB of WAL",
+                "slot {name}, {}, retains {} KiB of WAL",
                 if r[3].as_deref() == Some("t") {
                     "active"
                 } else {
@@ -286,7 +287,27 @@ async fn selection_findings(
         excluded.len(),
         list_some(&excluded)
     )));
+    // Existing mode: a table without identity that is already in a publication
+    // publishing updates is reported below, as breaking Odoo now.
+    let mut in_update_publication = std::collections::BTreeSet::new();
+    if sel.publication_mode == PublicationMode::Existing {
+        for name in settings.publication.split(',').map(str::trim) {
+            if let Some(f) = crate::catalog::within(
+                "reading the publication",
+                crate::catalog::publication(client, name),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+                && f.publishes_update_or_delete
+            {
+                in_update_publication.extend(f.tables.iter().map(|(oid, _, _)| *oid));
+            }
+        }
+    }
     for (t, identity) in plan.without_identity() {
+        if in_update_publication.contains(&t.oid) {
+            continue;
+        }
         out.push(Finding::block(
             format!(
                 "selected table {} {}: it cannot go into a publication that publishes updates and deletes (PostgreSQL would reject Odoo's UPDATEs and DELETEs on it), so it would not be captured",
@@ -436,10 +457,9 @@ async fn selection_findings(
                     ));
                 }
                 if f.publishes_update_or_delete {
-                    for (t, d) in &plan.decisions {
+                    for (t, _) in &plan.decisions {
                         if have.contains(&t.oid)
                             && t.identity() != crate::filter::Identity::Usable
-                            && !matches!(d, Decision::NoIdentity(_))
                         {
                             out.push(Finding::block(
                                 format!("publication {name} publishes updates and deletes of {}, which has no usable replica identity: PostgreSQL rejects UPDATE and DELETE on it now", t.qualified()),

@@ -311,3 +311,79 @@ impl Refresher {
         Ok(tx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::{ColumnGlob, TableGlob};
+    use crate::schema::Column;
+
+    fn sale_order(identity: ReplicaIdentity) -> Arc<Relation> {
+        let full = identity == ReplicaIdentity::Full;
+        Arc::new(Relation::new(
+            42,
+            "public",
+            "sale_order",
+            identity,
+            vec![
+                Column::new("name", 25, -1, full),
+                Column::new("id", 23, -1, true),
+                Column::new("note", 25, -1, full),
+            ],
+        ))
+    }
+
+    fn facts() -> TableFacts {
+        TableFacts {
+            oid: 42,
+            schema: "public".into(),
+            name: "sale_order".into(),
+            replident: 'f',
+            primary_key: vec!["id".into()],
+            has_identity_index: false,
+            columns: vec!["name".into(), "id".into(), "note".into()],
+            owned: true,
+            can_select: true,
+        }
+    }
+
+    fn describer(selection: SelectionConfig) -> CatalogDescriber {
+        CatalogDescriber::new(
+            "postgres://u@127.0.0.1:1/db".parse().unwrap(),
+            selection,
+            None,
+            vec![facts()],
+        )
+    }
+
+    #[test]
+    fn full_identity_key_is_the_primary_key_and_excluded_columns_are_skipped() {
+        let selection = SelectionConfig {
+            exclude_columns: vec![ColumnGlob::parse("sale_order.note").unwrap()],
+            ..SelectionConfig::default()
+        };
+        let d = describer(selection);
+        let rel = sale_order(ReplicaIdentity::Full);
+        assert!(d.fresh(&rel));
+        let info = d.build(rel);
+        assert!(info.included);
+        assert_eq!(info.key_columns, vec![1]);
+        assert_eq!(info.skip_column, vec![false, false, true]);
+        assert!(info.model.is_none() && info.many2many.is_none());
+    }
+
+    #[test]
+    fn filters_decide_inclusion_and_changed_relations_are_not_fresh() {
+        let selection = SelectionConfig {
+            include: vec![TableGlob::parse("public.stock_*").unwrap()],
+            ..SelectionConfig::default()
+        };
+        let d = describer(selection);
+        assert!(!d.build(sale_order(ReplicaIdentity::Full)).included);
+        // DEFAULT identity differs from the cached FULL: the cache is stale.
+        assert!(!d.fresh(&sale_order(ReplicaIdentity::Default)));
+        let mut added = (*sale_order(ReplicaIdentity::Full)).clone();
+        added.columns.push(Column::new("new_field", 25, -1, true));
+        assert!(!d.fresh(&added));
+    }
+}

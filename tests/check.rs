@@ -117,7 +117,8 @@ async fn ready_database_then_missing_key_then_role_without_replication() {
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("ALTER PUBLICATION ops ADD TABLE public.sale_order_line")
-            && out.contains("ALTER TABLE public.legacy_log REPLICA IDENTITY FULL;"),
+            && out.contains("ALTER TABLE public.legacy_log REPLICA IDENTITY FULL;")
+            && out.contains("rejects UPDATE and DELETE on it now"),
         "{out}"
     );
 
