@@ -265,6 +265,14 @@ async fn selection_findings(
             sel.profile = crate::filter::Profile::None;
             None
         }
+        Err(e @ crate::catalog::ProfileError::NotOdoo) => {
+            out.push(Finding::block(
+                e.to_string(),
+                "--profile none, or point --source at the Odoo database",
+            ));
+            sel.profile = crate::filter::Profile::None;
+            None
+        }
         Err(e) => return Err(e.to_string()),
     };
     let sel = &sel;
