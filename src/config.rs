@@ -48,7 +48,7 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     (
         "create_publication",
         Kind::Flag,
-        "create the publication (FOR ALL TABLES) if it does not exist",
+        "create the publication, or ALTER it, to hold exactly the selected tables (same as --publication-mode create)",
     ),
     (
         "amqp",
