@@ -48,8 +48,13 @@ pub async fn for_session(cfg: &SessionConfig) -> Result<Box<dyn TableDescriber>,
             other => SlotError::Publication(other.to_string()),
         })?;
     let tables = within("listing tables", catalog::tables(&client, None)).await?;
-    if let Some(o) = &odoo {
-        tracing::info!(schema = %o.schema, "Odoo profile active");
+    match (&odoo, &cfg.selection.translation_lang) {
+        (Some(o), _) => tracing::info!(schema = %o.schema, "Odoo profile active"),
+        (None, Some(lang)) => tracing::warn!(
+            lang = %lang,
+            "--translation-lang needs the Odoo profile (a database with ir_model): translated fields are left as they are"
+        ),
+        (None, None) => {}
     }
     Ok(Box::new(CatalogDescriber {
         selection: cfg.selection.clone(),
