@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use crate::cli::{Invocation, SlotAction};
 use crate::config::Settings;
-use crate::pipeline::Stopped;
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
@@ -34,16 +33,7 @@ pub async fn shutdown_signal() {
 
 pub async fn main(invocation: Invocation) -> ExitCode {
     match invocation {
-        Invocation::Tail(settings) => match crate::tail::tail(&settings, shutdown_signal()).await {
-            Ok(Stopped::Shutdown { confirmed }) => {
-                tracing::info!(confirmed = %confirmed, "stopped");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "tail failed");
-                ExitCode::from(1)
-            }
-        },
+        Invocation::Tail(settings) => crate::tail::run(settings, shutdown_signal()).await,
         Invocation::Run(settings) => crate::supervisor::run(settings, shutdown_signal()).await,
         Invocation::Check(settings) => crate::check::run(&settings).await,
         Invocation::Slot(action, settings) => slot_command(action, &settings).await,

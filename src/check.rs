@@ -384,7 +384,7 @@ async fn selection_findings(
             .collect::<Vec<_>>()
             .join(", ");
         match (sel.publication_mode, facts) {
-            (PublicationMode::Create, None) => {
+            (mode, None) if mode == PublicationMode::Create || settings.create_publication => {
                 let can_create: bool = client
                     .query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[])
                     .await
@@ -422,9 +422,9 @@ async fn selection_findings(
                 }));
                 not_owned(&wanted, name, &pubq, &wanted_list, publish, out);
             }
-            (PublicationMode::Existing, None) => out.push(Finding::block(
+            (_, None) => out.push(Finding::block(
                 format!("publication {name} does not exist (--publication-mode existing)"),
-                format!("CREATE PUBLICATION {pubq} FOR TABLE {wanted_list} WITH (publish = '{publish}');  or run with --publication-mode create"),
+                format!("CREATE PUBLICATION {pubq} FOR TABLE {wanted_list} WITH (publish = '{publish}');  or run with --create-publication"),
             )),
             (PublicationMode::Existing, Some(f)) => {
                 let have: std::collections::BTreeSet<u32> = f.tables.iter().map(|(o, _, _)| *o).collect();

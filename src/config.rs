@@ -48,7 +48,7 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     (
         "create_publication",
         Kind::Flag,
-        "create the publication, or ALTER it, to hold exactly the selected tables (same as --publication-mode create)",
+        "create the publication with the selected tables if it does not exist (never FOR ALL TABLES)",
     ),
     (
         "amqp",
@@ -143,6 +143,41 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     ),
     ("log_format", Kind::Single, "text|json [default: text]"),
     (
+        "shutdown_grace_secs",
+        Kind::Single,
+        "on SIGTERM/SIGINT, seconds to wait for in-flight confirms [default: 30]",
+    ),
+    (
+        "standby_retry_secs",
+        Kind::Single,
+        "while another instance holds the slot, retry every this many seconds (active/standby) [default: 5]",
+    ),
+    (
+        "replication_timeout_secs",
+        Kind::Single,
+        "seconds of silence from the walsender (after a ping) before reconnecting [default: 60]",
+    ),
+    (
+        "heartbeat_interval_secs",
+        Kind::Single,
+        "seconds between heartbeat messages that let an idle slot advance; 0 = off [default: 60]",
+    ),
+    (
+        "slot_check_interval_secs",
+        Kind::Single,
+        "seconds between checks of the WAL the slot retains; 0 = off [default: 60]",
+    ),
+    (
+        "max_retained_wal_mb",
+        Kind::Single,
+        "warn when the slot retains more WAL than this, MiB [default: 1024]",
+    ),
+    (
+        "on_decode_error",
+        Kind::Single,
+        "fail|raw|dead-letter: a value or message that cannot be decoded [default: fail]",
+    ),
+    (
         "include",
         Kind::List,
         "capture only tables matching this SCHEMA.TABLE glob, e.g. public.sale_* (repeatable) [default: all]",
@@ -160,7 +195,7 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     (
         "publication_mode",
         Kind::Single,
-        "create|existing: create or ALTER the publication to exactly the selected tables, or use it as it is [default: existing; create with --create-publication]",
+        "create|existing: create or ALTER the publication to exactly the selected tables at every start, or use it as it is [default: existing]",
     ),
     (
         "insert_only_tables_without_key",
@@ -462,6 +497,18 @@ pub enum Unroutable {
     Drop,
 }
 
+/// `--on-decode-error`: what happens to a value or pgoutput message that
+/// cannot be decoded. Never a silent null or a skipped event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDecodeError {
+    /// Stop with an error naming table, column and LSN (exit code 5).
+    Fail,
+    /// Publish the event with the column's raw text, named in `source.raw_columns`.
+    Raw,
+    /// Publish the raw payload and the error to `<prefix>.dead_letter` instead.
+    DeadLetter,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueType {
     Classic,
@@ -497,6 +544,16 @@ pub struct Settings {
     pub queue_type: QueueType,
     pub queue_bindings: Vec<String>,
     pub unroutable: Unroutable,
+    pub shutdown_grace: Duration,
+    pub replication_timeout: Duration,
+    /// `None`: no heartbeats.
+    pub heartbeat_interval: Option<Duration>,
+    /// `None`: no retention checks.
+    pub slot_check_interval: Option<Duration>,
+    pub max_retained_wal: u64,
+    pub on_decode_error: OnDecodeError,
+    /// How often a standby retries a slot another instance holds.
+    pub standby_retry: Duration,
     pub selection: crate::filter::SelectionConfig,
 }
 
@@ -556,8 +613,43 @@ impl Settings {
         };
         let queue_bindings = raw.list("queue_binding");
         let selection = selection_from_raw(raw, &publication)?;
+        let secs_or_off = |key: &'static str, default: u64| -> Result<_, ConfigError> {
+            let n = raw.number(key, default, 0u64)?;
+            Ok((n > 0).then(|| Duration::from_secs(n)))
+        };
+        let format = raw.choice(
+            "format",
+            Format::Json,
+            &[("json", Format::Json), ("protobuf", Format::Protobuf)],
+        )?;
+        let on_decode_error = raw.choice(
+            "on_decode_error",
+            OnDecodeError::Fail,
+            &[
+                ("fail", OnDecodeError::Fail),
+                ("raw", OnDecodeError::Raw),
+                ("dead-letter", OnDecodeError::DeadLetter),
+                ("dead_letter", OnDecodeError::DeadLetter),
+            ],
+        )?;
+        if on_decode_error == OnDecodeError::Raw && format != Format::Json {
+            return Err(raw.invalid(
+                "on_decode_error",
+                "raw needs --format json (Protobuf fields are typed); use dead-letter",
+            ));
+        }
         Ok(Settings {
             selection,
+            shutdown_grace: Duration::from_secs(raw.number("shutdown_grace_secs", 30u64, 0)?),
+            replication_timeout: Duration::from_secs(raw.number(
+                "replication_timeout_secs",
+                60u64,
+                2,
+            )?),
+            heartbeat_interval: secs_or_off("heartbeat_interval_secs", 60)?,
+            slot_check_interval: secs_or_off("slot_check_interval_secs", 60)?,
+            max_retained_wal: raw.number("max_retained_wal_mb", 1024u64, 1)? * 1024 * 1024,
+            on_decode_error,
             slot,
             publication,
             create_slot: raw.flag("create_slot")?,
@@ -571,11 +663,7 @@ impl Settings {
                     ("transaction", Granularity::Transaction),
                 ],
             )?,
-            format: raw.choice(
-                "format",
-                Format::Json,
-                &[("json", Format::Json), ("protobuf", Format::Protobuf)],
-            )?,
+            format,
             queue_bindings: if queue_bindings.is_empty() {
                 vec![format!("{prefix}.#")]
             } else {
@@ -613,6 +701,7 @@ impl Settings {
                 Unroutable::Fail,
                 &[("fail", Unroutable::Fail), ("drop", Unroutable::Drop)],
             )?,
+            standby_retry: Duration::from_secs(raw.number("standby_retry_secs", 5u64, 1)?),
             source,
         })
     }
@@ -626,7 +715,10 @@ impl Settings {
         );
         s.create_slot = self.create_slot;
         s.temporary_slot = self.temporary;
-        s.create_publication = self.create_publication;
+        // Create mode may create a missing publication (in the first session only:
+        // the supervisor clears this once one streamed).
+        s.create_publication = self.create_publication
+            || self.selection.publication_mode == crate::filter::PublicationMode::Create;
         s.streaming = self.streaming;
         s.granularity = self.granularity;
         s.format = self.format;
@@ -636,6 +728,9 @@ impl Settings {
         s.spill_dir = self.spill_dir.clone();
         s.status_interval = self.status_interval;
         s.max_events_per_message = self.max_events_per_message;
+        s.shutdown_grace = self.shutdown_grace;
+        s.replication_timeout = self.replication_timeout;
+        s.on_decode_error = self.on_decode_error;
         s.selection = self.selection.clone();
         if let Some(io) = &self.selection.insert_only_publication {
             // The slot streams both: pgoutput takes a list of publications.
@@ -662,14 +757,9 @@ fn selection_from_raw(
         .iter()
         .map(|g| ColumnGlob::parse(g).map_err(|e| raw.invalid("exclude_column", e)))
         .collect::<Result<Vec<_>, _>>()?;
-    let default_mode = if raw.flag("create_publication")? {
-        PublicationMode::Create
-    } else {
-        PublicationMode::Existing
-    };
     let publication_mode = raw.choice(
         "publication_mode",
-        default_mode,
+        PublicationMode::Existing,
         &[
             ("create", PublicationMode::Create),
             ("existing", PublicationMode::Existing),
@@ -842,7 +932,7 @@ mod tests {
         assert_eq!(sel.include.len(), 2);
         assert_eq!(sel.exclude.len(), 2);
         assert!(sel.column_excluded("public", "res_partner", "comment"));
-        assert_eq!(sel.publication_mode, PublicationMode::Create);
+        assert_eq!(sel.publication_mode, PublicationMode::Existing);
         assert_eq!(sel.profile, Profile::None);
         assert_eq!(
             sel.insert_only_publication.as_deref(),

@@ -8,7 +8,11 @@
 //!   created since (a module install) join on the next start.
 //! - `existing`: the operator's publication is used as it is; where it differs
 //!   from the selection we warn (the describer still drops what the filters leave
-//!   out).
+//!   out). With `--create-publication` a missing one is created with the
+//!   selected tables.
+//!
+//! Either way a publication is created only in the first session: one that
+//! disappears while we run is reported, not silently re-created.
 //!
 //! Tables without a usable identity are skipped with a warning naming the fix,
 //! or — with `--insert-only-tables-without-key` — put into a second publication
@@ -121,34 +125,61 @@ pub async fn prepare(cfg: &SessionConfig) -> Result<(), SlotError> {
                     "no table is selected: check --include/--exclude and the profile"
                 );
             }
-            sync(&client, name, &captured, PUBLISH_ALL).await?;
+            let db = &cfg.source.dbname;
+            sync(
+                &client,
+                db,
+                cfg.create_publication,
+                name,
+                &captured,
+                PUBLISH_ALL,
+            )
+            .await?;
             if let Some(io) = &sel.insert_only_publication {
-                sync(&client, io, &plan.insert_only(), "insert").await?;
+                sync(
+                    &client,
+                    db,
+                    cfg.create_publication,
+                    io,
+                    &plan.insert_only(),
+                    "insert",
+                )
+                .await?;
             }
         }
         PublicationMode::Existing => {
             let mut published: BTreeSet<u32> = BTreeSet::new();
-            for name in &names {
-                let facts = within(
+            let mut wanted: Vec<(&str, Vec<&TableFacts>, &str)> = names
+                .iter()
+                .map(|n| (*n, plan.captured(), PUBLISH_ALL))
+                .collect();
+            if let Some(io) = &sel.insert_only_publication {
+                wanted.push((io.as_str(), plan.insert_only(), "insert"));
+            }
+            for (name, tables, publish) in wanted {
+                match within(
                     "reading the publication",
                     catalog::publication(&client, name),
                 )
                 .await?
-                .ok_or_else(|| SlotError::PublicationMissing {
-                    publication: name.to_string(),
-                    db: cfg.source.dbname.clone(),
-                })?;
-                warn_unusable_members(name, &facts, &plan);
-                published.extend(facts.tables.iter().map(|(oid, _, _)| *oid));
-            }
-            if let Some(io) = &sel.insert_only_publication {
-                let facts = within("reading the publication", catalog::publication(&client, io))
-                    .await?
-                    .ok_or_else(|| SlotError::PublicationMissing {
-                        publication: io.clone(),
-                        db: cfg.source.dbname.clone(),
-                    })?;
-                published.extend(facts.tables.iter().map(|(oid, _, _)| *oid));
+                {
+                    Some(facts) => {
+                        warn_unusable_members(name, &facts, &plan);
+                        published.extend(facts.tables.iter().map(|(oid, _, _)| *oid));
+                    }
+                    // --create-publication: create what is missing, with the
+                    // selected tables; an existing one is used as it is.
+                    None if cfg.create_publication => {
+                        create(&client, name, &tables, publish).await?;
+                        published.extend(tables.iter().map(|t| t.oid));
+                    }
+                    None => {
+                        return Err(SlotError::PublicationMissing {
+                            publication: name.to_string(),
+                            db: cfg.source.dbname.clone(),
+                        });
+                    }
+                }
             }
             for (t, d) in &plan.decisions {
                 let in_pub = published.contains(&t.oid);
@@ -194,9 +225,13 @@ fn warn_unusable_members(name: &str, facts: &PublicationFacts, plan: &Plan) {
     }
 }
 
-/// Creates `name`, or ALTERs it, so it holds exactly `tables`.
+/// Creates `name` (when `may_create`), or ALTERs it, so it holds exactly `tables`.
+/// After the first session a missing publication is an error, not re-created:
+/// it was dropped while we ran, and what it published in between is lost.
 async fn sync(
     client: &tokio_postgres::Client,
+    db: &str,
+    may_create: bool,
     name: &str,
     tables: &[&TableFacts],
     publish: &str,
@@ -207,33 +242,19 @@ async fn sync(
         .collect::<Vec<_>>()
         .join(", ");
     let pubq = quote_ident(name);
-    let exec = |sql: String| async move {
-        within(
-            "changing the publication",
-            client.batch_execute(sql.as_str()),
-        )
-        .await
-        .map_err(|e| publication_error(name, &sql, e))
-    };
     let Some(facts) = within(
         "reading the publication",
         catalog::publication(client, name),
     )
     .await?
     else {
-        let sql = if tables.is_empty() {
-            format!("CREATE PUBLICATION {pubq} WITH (publish = '{publish}')")
-        } else {
-            format!("CREATE PUBLICATION {pubq} FOR TABLE {list} WITH (publish = '{publish}')")
-        };
-        exec(sql).await?;
-        tracing::info!(
-            publication = name,
-            tables = tables.len(),
-            publish,
-            "created publication"
-        );
-        return Ok(());
+        if !may_create {
+            return Err(SlotError::PublicationMissing {
+                publication: name.to_string(),
+                db: db.to_string(),
+            });
+        }
+        return create(client, name, tables, publish).await;
     };
     if facts.all_tables {
         return Err(SlotError::Publication(format!(
@@ -258,7 +279,7 @@ async fn sync(
     } else {
         format!("ALTER PUBLICATION {pubq} SET TABLE {list}")
     };
-    exec(sql).await?;
+    execute(client, name, sql).await?;
     tracing::info!(
         publication = name,
         added = want.difference(&have).count(),
@@ -266,6 +287,47 @@ async fn sync(
         "publication altered to the selected tables"
     );
     Ok(())
+}
+
+/// `CREATE PUBLICATION` with exactly `tables` (none is valid: nothing published yet).
+async fn create(
+    client: &tokio_postgres::Client,
+    name: &str,
+    tables: &[&TableFacts],
+    publish: &str,
+) -> Result<(), SlotError> {
+    let pubq = quote_ident(name);
+    let list = tables
+        .iter()
+        .map(|t| t.qualified())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = if tables.is_empty() {
+        format!("CREATE PUBLICATION {pubq} WITH (publish = '{publish}')")
+    } else {
+        format!("CREATE PUBLICATION {pubq} FOR TABLE {list} WITH (publish = '{publish}')")
+    };
+    execute(client, name, sql).await?;
+    tracing::info!(
+        publication = name,
+        tables = tables.len(),
+        publish,
+        "created publication"
+    );
+    Ok(())
+}
+
+async fn execute(
+    client: &tokio_postgres::Client,
+    name: &str,
+    sql: String,
+) -> Result<(), SlotError> {
+    within(
+        "changing the publication",
+        client.batch_execute(sql.as_str()),
+    )
+    .await
+    .map_err(|e| publication_error(name, &sql, e))
 }
 
 fn publication_error(name: &str, sql: &str, e: ReplicationError) -> SlotError {
