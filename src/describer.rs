@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crate::catalog::{self, TableFacts, within};
 use crate::event::TableInfo;
-use crate::filter::{Decision, Identity, SelectionConfig, no_identity_message};
+use crate::filter::{Decision, Identity, SelectionConfig};
 use crate::odoo::OdooCatalog;
 use crate::pipeline::SessionConfig;
 use crate::replication::PgConfig;
@@ -145,12 +145,13 @@ impl CatalogDescriber {
                 tracing::debug!(table = %relation.qualified_name(), %reason, "not published");
                 info.included = false;
             }
-            Decision::NoIdentity(identity) => {
+            Decision::NoIdentity(_) => {
                 // Only an operator's publication (--publication-mode existing)
                 // sends it: publish what arrives, and say what is wrong.
                 tracing::warn!(
-                    "{}",
-                    no_identity_message(&relation.qualified_name(), identity)
+                    table = %relation.qualified_name(),
+                    "the publication sends this table, which has no usable replica identity:                      PostgreSQL rejects its UPDATEs and DELETEs, so only inserts can arrive.                      Fix: ALTER TABLE {} REPLICA IDENTITY FULL; or drop it from the publication",
+                    relation.qualified_name()
                 );
             }
         }

@@ -102,16 +102,16 @@ pub async fn prepare(cfg: &SessionConfig) -> Result<(), SlotError> {
     let client = crate::replication::sql::connect(&cfg.source).await?;
     let sel = &cfg.selection;
     let plan = Plan::load(&client, sel).await?;
-    for (t, identity) in plan.without_identity() {
-        tracing::warn!(
-            table = %t.qualified(),
-            "{}",
-            no_identity_message(&t.qualified(), identity)
-        );
-    }
     let names = main_publications(cfg);
     match sel.publication_mode {
         PublicationMode::Create => {
+            for (t, identity) in plan.without_identity() {
+                tracing::warn!(
+                    table = %t.qualified(),
+                    "{}",
+                    no_identity_message(&t.qualified(), identity)
+                );
+            }
             let [name] = names.as_slice() else {
                 return Err(SlotError::Publication(format!(
                     "--publication-mode create manages exactly one publication, got {:?}",
@@ -187,8 +187,17 @@ pub async fn prepare(cfg: &SessionConfig) -> Result<(), SlotError> {
                     Decision::Capture | Decision::InsertOnly if !in_pub => tracing::warn!(
                         table = %t.qualified(),
                         "selected but not in the publication, so not captured: ALTER PUBLICATION {} ADD TABLE {};",
-                        quote_ident(names.first().copied().unwrap_or_default()),
+                        quote_ident(match (d, &sel.insert_only_publication) {
+                            (Decision::InsertOnly, Some(io)) => io.as_str(),
+                            _ => names.first().copied().unwrap_or_default(),
+                        }),
                         t.qualified()
+                    ),
+                    // In a publication it is reported by warn_unusable_members.
+                    Decision::NoIdentity(identity) if !in_pub => tracing::warn!(
+                        table = %t.qualified(),
+                        "{}",
+                        no_identity_message(&t.qualified(), *identity)
                     ),
                     Decision::Excluded(why) if in_pub => tracing::info!(
                         table = %t.qualified(),
