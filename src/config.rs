@@ -180,17 +180,17 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     (
         "include",
         Kind::List,
-        "capture only tables matching this SCHEMA.TABLE glob, e.g. public.sale_* (repeatable) [default: all]",
+        "capture only tables matching this SCHEMA.TABLE glob, e.g. public.sale_* [default: all tables]",
     ),
     (
         "exclude",
         Kind::List,
-        "leave out tables matching this SCHEMA.TABLE glob (repeatable)",
+        "leave out tables matching this SCHEMA.TABLE glob",
     ),
     (
         "exclude_column",
         Kind::List,
-        "leave this column out of every event: TABLE.COLUMN or SCHEMA.TABLE.COLUMN, globs allowed (repeatable)",
+        "leave this column out of every event: TABLE.COLUMN or SCHEMA.TABLE.COLUMN, globs allowed",
     ),
     (
         "publication_mode",
