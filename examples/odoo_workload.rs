@@ -14,7 +14,8 @@
 //!   the many2many `*_rel` tables;
 //! - one2many owners are deleted with `ON DELETE CASCADE`, so one `DELETE` of an
 //!   order yields delete events for its lines and their tax links;
-//! - every action posts `bus_bus` notifications, and a cron garbage-collects them.
+//! - every action posts `bus_bus` notifications, and a cron garbage-collects them;
+//!   a confirmation also logs a chatter message (`mail_message`).
 //!
 //! Values are interpolated client-side as literals, as psycopg2 does for Odoo.
 //! The workload is one connection, like one Odoo worker: given `--seed` and a
@@ -862,6 +863,16 @@ impl Workload {
                 "UPDATE res_partner SET customer_rank = customer_rank + 1, write_date = {NOW} WHERE id = {}",
                 o.partner_id
             ),
+        )
+        .await?;
+        // mail.thread: the confirmation is logged in the order's chatter.
+        tx.insert(
+            "mail_message",
+            "model, res_id, body, message_type, date, create_uid, create_date, write_uid, write_date",
+            &[format!(
+                "('sale.order', {}, '<p>Quotation confirmed</p>', 'notification', {NOW}, {u}, {NOW}, {u}, {NOW})",
+                o.id
+            )],
         )
         .await?;
 

@@ -40,7 +40,8 @@ struct Args {
     /// Replication slot
     #[arg(long, default_value = "odoo_cdc_tail_example")]
     slot: String,
-    /// Publication(s), comma separated (created FOR ALL TABLES if missing)
+    /// Publication(s), comma separated (created if missing, with every table that has
+    /// a usable replica identity)
     #[arg(long, default_value = "odoo_cdc")]
     publication: String,
     /// Create a persistent slot (resumed by the next run) instead of a temporary one

@@ -51,7 +51,20 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
         .filter(|(k, _, _)| match cmd {
             "run" => true,
             "tail" => !broker_only.contains(k) || *k == "window",
-            "check" => matches!(*k, "source" | "slot" | "publication" | "log_format"),
+            "check" => matches!(
+                *k,
+                "source"
+                    | "slot"
+                    | "publication"
+                    | "log_format"
+                    | "create_publication"
+                    | "include"
+                    | "exclude"
+                    | "exclude_column"
+                    | "publication_mode"
+                    | "insert_only_tables_without_key"
+                    | "profile"
+            ),
             "slot" => matches!(
                 *k,
                 "source" | "slot" | "publication" | "log_format" | "temporary"

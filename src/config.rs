@@ -48,7 +48,7 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     (
         "create_publication",
         Kind::Flag,
-        "create the publication (FOR ALL TABLES) if it does not exist",
+        "create the publication with the selected tables if it does not exist (never FOR ALL TABLES)",
     ),
     (
         "amqp",
@@ -176,6 +176,41 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
         "on_decode_error",
         Kind::Single,
         "fail|raw|dead-letter: a value or message that cannot be decoded [default: fail]",
+    ),
+    (
+        "include",
+        Kind::List,
+        "capture only tables matching this SCHEMA.TABLE glob, e.g. public.sale_* [default: all tables]",
+    ),
+    (
+        "exclude",
+        Kind::List,
+        "leave out tables matching this SCHEMA.TABLE glob",
+    ),
+    (
+        "exclude_column",
+        Kind::List,
+        "leave this column out of every event: TABLE.COLUMN or SCHEMA.TABLE.COLUMN, globs allowed",
+    ),
+    (
+        "publication_mode",
+        Kind::Single,
+        "create|existing: create or ALTER the publication to exactly the selected tables at every start, or use it as it is [default: existing]",
+    ),
+    (
+        "insert_only_tables_without_key",
+        Kind::Flag,
+        "capture the inserts of selected tables without a usable replica identity through a second publication <publication>_insert_only (publish = 'insert') instead of skipping them",
+    ),
+    (
+        "profile",
+        Kind::Single,
+        "odoo|none: Odoo model names, many2many marks and default exclusions [default: odoo when the database has ir_model]",
+    ),
+    (
+        "translation_lang",
+        Kind::Single,
+        "Odoo profile: flatten translated fields to this language (e.g. fr_FR, falling back to en_US) [default: keep the JSON object]",
     ),
 ];
 
@@ -519,6 +554,7 @@ pub struct Settings {
     pub on_decode_error: OnDecodeError,
     /// How often a standby retries a slot another instance holds.
     pub standby_retry: Duration,
+    pub selection: crate::filter::SelectionConfig,
 }
 
 impl Settings {
@@ -576,6 +612,7 @@ impl Settings {
             })?),
         };
         let queue_bindings = raw.list("queue_binding");
+        let selection = selection_from_raw(raw, &publication)?;
         let secs_or_off = |key: &'static str, default: u64| -> Result<_, ConfigError> {
             let n = raw.number(key, default, 0u64)?;
             Ok((n > 0).then(|| Duration::from_secs(n)))
@@ -602,6 +639,7 @@ impl Settings {
             ));
         }
         Ok(Settings {
+            selection,
             shutdown_grace: Duration::from_secs(raw.number("shutdown_grace_secs", 30u64, 0)?),
             replication_timeout: Duration::from_secs(raw.number(
                 "replication_timeout_secs",
@@ -677,7 +715,10 @@ impl Settings {
         );
         s.create_slot = self.create_slot;
         s.temporary_slot = self.temporary;
-        s.create_publication = self.create_publication;
+        // Create mode may create a missing publication (in the first session only:
+        // the supervisor clears this once one streamed).
+        s.create_publication = self.create_publication
+            || self.selection.publication_mode == crate::filter::PublicationMode::Create;
         s.streaming = self.streaming;
         s.granularity = self.granularity;
         s.format = self.format;
@@ -690,8 +731,82 @@ impl Settings {
         s.shutdown_grace = self.shutdown_grace;
         s.replication_timeout = self.replication_timeout;
         s.on_decode_error = self.on_decode_error;
+        s.selection = self.selection.clone();
+        if let Some(io) = &self.selection.insert_only_publication {
+            // The slot streams both: pgoutput takes a list of publications.
+            s.publication = format!("{},{io}", self.publication);
+        }
         s
     }
+}
+
+/// The table/column selection options, validated.
+fn selection_from_raw(
+    raw: &RawOptions,
+    publication: &str,
+) -> Result<crate::filter::SelectionConfig, ConfigError> {
+    use crate::filter::{ColumnGlob, Profile, PublicationMode, SelectionConfig, TableGlob};
+    let tables = |key: &'static str| -> Result<Vec<TableGlob>, ConfigError> {
+        raw.list(key)
+            .iter()
+            .map(|g| TableGlob::parse(g).map_err(|e| raw.invalid(key, e)))
+            .collect()
+    };
+    let exclude_columns = raw
+        .list("exclude_column")
+        .iter()
+        .map(|g| ColumnGlob::parse(g).map_err(|e| raw.invalid("exclude_column", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let publication_mode = raw.choice(
+        "publication_mode",
+        PublicationMode::Existing,
+        &[
+            ("create", PublicationMode::Create),
+            ("existing", PublicationMode::Existing),
+        ],
+    )?;
+    let names: Vec<&str> = publication.split(',').map(str::trim).collect();
+    if publication_mode == PublicationMode::Create && names.len() > 1 {
+        return Err(raw.invalid(
+            "publication_mode",
+            format!(
+                "create manages exactly one publication, but --publication names {}",
+                names.len()
+            ),
+        ));
+    }
+    let translation_lang = raw.string("translation_lang");
+    if let Some(l) = &translation_lang
+        && (l.is_empty()
+            || l.chars()
+                .any(|c| c.is_whitespace() || c == '"' || c == '\''))
+    {
+        return Err(raw.invalid(
+            "translation_lang",
+            format!("expected a language code such as fr_FR, got {l:?}"),
+        ));
+    }
+    Ok(SelectionConfig {
+        include: tables("include")?,
+        exclude: tables("exclude")?,
+        exclude_columns,
+        publication_mode,
+        profile: raw.choice(
+            "profile",
+            Profile::Auto,
+            &[
+                ("odoo", Profile::Odoo),
+                ("none", Profile::None),
+                ("auto", Profile::Auto),
+            ],
+        )?,
+        translation_lang,
+        insert_only_publication: if raw.flag("insert_only_tables_without_key")? {
+            Some(format!("{}_insert_only", names[0]))
+        } else {
+            None
+        },
+    })
 }
 
 #[cfg(test)]
@@ -796,6 +911,66 @@ mod tests {
                 .to_string()
                 .contains("`slot`")
         );
+    }
+
+    #[test]
+    fn selection_options() {
+        use crate::filter::{Profile, PublicationMode};
+        let r = raw(
+            vec![
+                ("source", "postgres://u@h/db"),
+                ("create_publication", "true"),
+                ("insert_only_tables_without_key", "true"),
+                ("profile", "none"),
+            ],
+            Some("include = [\"public.sale_*\", \"res_partner\"]\nexclude_column = [\"res_partner.comment\"]\n"),
+            &[("ODOO_CDC_EXCLUDE", "public.sale_order_line, *.mail_*")],
+        )
+        .unwrap();
+        let s = Settings::from_raw(&r).unwrap();
+        let sel = &s.selection;
+        assert_eq!(sel.include.len(), 2);
+        assert_eq!(sel.exclude.len(), 2);
+        assert!(sel.column_excluded("public", "res_partner", "comment"));
+        assert_eq!(sel.publication_mode, PublicationMode::Existing);
+        assert_eq!(sel.profile, Profile::None);
+        assert_eq!(
+            sel.insert_only_publication.as_deref(),
+            Some("odoo_cdc_insert_only")
+        );
+        assert_eq!(s.session().publication, "odoo_cdc,odoo_cdc_insert_only");
+
+        let r = raw(vec![("source", "postgres://u@h/db")], None, &[]).unwrap();
+        let s = Settings::from_raw(&r).unwrap();
+        assert_eq!(s.selection.publication_mode, PublicationMode::Existing);
+        assert_eq!(s.selection.profile, Profile::Auto);
+
+        let r = raw(
+            vec![
+                ("source", "postgres://u@h/db"),
+                ("publication", "a,b"),
+                ("publication_mode", "create"),
+            ],
+            None,
+            &[],
+        )
+        .unwrap();
+        let e = Settings::from_raw(&r).unwrap_err().to_string();
+        assert!(
+            e.contains("`publication_mode`") && e.contains("exactly one"),
+            "{e}"
+        );
+        let r = raw(
+            vec![
+                ("source", "postgres://u@h/db"),
+                ("exclude_column", "nocolumn"),
+            ],
+            None,
+            &[],
+        )
+        .unwrap();
+        let e = Settings::from_raw(&r).unwrap_err().to_string();
+        assert!(e.contains("`exclude_column`"), "{e}");
     }
 
     #[test]

@@ -80,6 +80,20 @@ pub struct TableInfo {
     pub flatten_translations: Option<String>,
     /// Per column: an Odoo translated field (only meaningful with `flatten_translations`).
     pub translated_column: Vec<bool>,
+    /// An Odoo many2many relation table (`*_rel`): which models it links.
+    pub many2many: Option<Many2Many>,
+}
+
+/// The models a many2many relation table links, as far as the profile knows
+/// them (`source.many2many` in events).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Many2Many {
+    /// The model owning the field (`sale.order.line`).
+    pub model: Option<String>,
+    /// The many2many field (`tax_id`), when `ir_model_fields` names it.
+    pub field: Option<String>,
+    /// The model linked to (`account.tax`).
+    pub comodel: Option<String>,
 }
 
 impl TableInfo {
@@ -101,6 +115,7 @@ impl TableInfo {
             skip_column: vec![false; n],
             flatten_translations: None,
             translated_column: vec![false; n],
+            many2many: None,
         }
     }
 }
@@ -216,6 +231,28 @@ pub fn encode_json(
         if let Some(model) = &t.model {
             out.extend_from_slice(b",\"model\":");
             push_str(out, model);
+        }
+        if let Some(m2m) = &t.many2many {
+            out.extend_from_slice(b",\"many2many\":{");
+            for (i, (name, v)) in [
+                ("model", &m2m.model),
+                ("field", &m2m.field),
+                ("comodel", &m2m.comodel),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if i > 0 {
+                    out.push(b',');
+                }
+                push_str(out, name);
+                out.push(b':');
+                match v {
+                    Some(v) => push_str(out, v),
+                    None => out.extend_from_slice(b"null"),
+                }
+            }
+            out.push(b'}');
         }
     }
     out.extend_from_slice(b",\"lsn\":\"");
@@ -686,6 +723,7 @@ pub fn encode_json_raw(
         skip_column: t.skip_column.clone(),
         flatten_translations: t.flatten_translations.clone(),
         translated_column,
+        many2many: t.many2many.clone(),
     });
     let retype = |tuple: &TupleData| TupleData {
         columns: tuple

@@ -13,11 +13,14 @@
 //! module named after it.
 
 pub mod app;
+pub mod catalog;
 pub mod check;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod describer;
 pub mod event;
+pub mod filter;
 pub mod lsn;
 pub mod metrics;
 pub mod metrics_server;
@@ -25,6 +28,7 @@ pub mod odoo;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod protobuf;
+pub mod publication;
 pub mod replication;
 pub mod retention;
 pub mod routing;

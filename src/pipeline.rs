@@ -98,6 +98,8 @@ pub struct SessionConfig {
     pub replication_timeout: Duration,
     /// What to do with a value or message that cannot be decoded.
     pub on_decode_error: OnDecodeError,
+    /// Table/column filters, profile and publication mode.
+    pub selection: crate::filter::SelectionConfig,
 }
 
 impl SessionConfig {
@@ -126,6 +128,7 @@ impl SessionConfig {
             shutdown_grace: Duration::from_secs(30),
             replication_timeout: Duration::from_secs(60),
             on_decode_error: OnDecodeError::Fail,
+            selection: crate::filter::SelectionConfig::default(),
         }
     }
 }
@@ -192,7 +195,11 @@ impl PipelineError {
             PipelineError::Replication(e) | PipelineError::Slot(SlotError::Replication(e)) => {
                 replication_exit_code(e)
             }
-            PipelineError::Slot(SlotError::InUse { .. } | SlotError::Unexpected { .. }) => RUNTIME,
+            // A publication that cannot be made to match the selection (rights,
+            // FOR ALL TABLES in create mode, --profile odoo without ir_model).
+            PipelineError::Slot(
+                SlotError::InUse { .. } | SlotError::Unexpected { .. } | SlotError::Publication(_),
+            ) => RUNTIME,
             PipelineError::Slot(_) => SLOT_LOST,
             PipelineError::Sink(SinkError::Connect { reason, .. })
                 if reason.contains("ACCESS_REFUSED") =>

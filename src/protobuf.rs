@@ -42,6 +42,15 @@ pub fn to_message(ev: &ChangeEvent, opts: &EncodeOptions) -> Result<pb::ChangeEv
         commit_ts: ts_string(ev.commit_ts),
         seq: ev.seq,
         snapshot: ev.snapshot,
+        many2many: ev
+            .table
+            .as_ref()
+            .and_then(|t| t.many2many.as_ref())
+            .map(|m| pb::Many2Many {
+                model: m.model.clone(),
+                field: m.field.clone(),
+                comodel: m.comodel.clone(),
+            }),
     };
     let mut msg = pb::ChangeEvent {
         op: ev.op.code().to_string(),

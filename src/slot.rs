@@ -30,6 +30,10 @@ pub enum SlotError {
         "replication slot {slot:?} is in use by another process (pid {pid}); waiting for it to be released"
     )]
     InUse { slot: String, pid: String },
+    /// The publication cannot be made to match the selection (or the profile
+    /// cannot be loaded): the message says what to change.
+    #[error("{0}")]
+    Publication(String),
     #[error("unexpected answer while inspecting slot {slot:?}: {what}")]
     Unexpected { slot: String, what: String },
     #[error(transparent)]
@@ -63,30 +67,9 @@ pub async fn prepare(
     cfg: &SessionConfig,
 ) -> Result<Prepared, SlotError> {
     let db = cfg.source.dbname.clone();
-    for publication in cfg.publication.split(',').map(str::trim) {
-        let rows = client
-            .simple_query(&format!(
-                "SELECT 1 FROM pg_publication WHERE pubname = {}",
-                quote_literal(publication)
-            ))
-            .await?;
-        if rows.is_empty() {
-            if cfg.create_publication {
-                client
-                    .simple_query(&format!(
-                        "CREATE PUBLICATION {} FOR ALL TABLES",
-                        quote_ident(publication)
-                    ))
-                    .await?;
-                tracing::info!(publication, "created publication FOR ALL TABLES");
-            } else {
-                return Err(SlotError::PublicationMissing {
-                    publication: publication.to_string(),
-                    db,
-                });
-            }
-        }
-    }
+    // Publications first: a slot created before its publication cannot decode
+    // the WAL in between.
+    crate::publication::prepare(cfg).await?;
 
     let rows = client
         .simple_query(&format!(

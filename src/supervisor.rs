@@ -34,7 +34,6 @@ use crate::retention::RetentionConfig;
 use crate::sink::rabbitmq::{QueueSpec, QueueType, RabbitConfig, RabbitSink, UnroutablePolicy};
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{Sink, SinkError};
-use crate::transaction::PlainTables;
 
 /// A session that streamed at least this long counts as healthy: its failure
 /// starts the backoff from the beginning again.
@@ -216,17 +215,13 @@ where
             let sessions_before = metrics.sessions();
             let mut stop = stop_rx.clone();
             let result = async {
+                // The table describer (filters, profile) reads the catalog first.
+                let describer = crate::describer::for_session(&session).await?;
                 let sink = connect_sink().await?;
                 metrics.sink_up.store(1, Ordering::Relaxed);
-                let r = run_session(
-                    &session,
-                    sink,
-                    Box::new(PlainTables),
-                    metrics.clone(),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                )
+                let r = run_session(&session, sink, describer, metrics.clone(), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
                 .await;
                 metrics.sink_up.store(0, Ordering::Relaxed);
                 r
