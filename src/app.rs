@@ -28,7 +28,24 @@ pub async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
-    tracing::info!("shutdown requested: finishing in-flight work");
+    tracing::info!("shutdown requested: finishing in-flight work (a second signal exits at once)");
+    // An operator who signals twice wants out now: nothing unconfirmed was
+    // acknowledged, so the next start replays it.
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::warn!("second signal: exiting without waiting for in-flight confirms");
+        std::process::exit(1);
+    });
+    #[cfg(unix)]
+    tokio::spawn(async {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+            tracing::warn!("second signal: exiting without waiting for in-flight confirms");
+            std::process::exit(1);
+        }
+    });
 }
 
 pub async fn main(invocation: Invocation) -> ExitCode {

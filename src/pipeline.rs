@@ -430,6 +430,25 @@ where
     tokio::pin!(shutdown);
     let mut shutting_down = false;
     let read_result: Result<(), PipelineError> = async {
+        // Hands an item to the publisher; gives up at once on shutdown (even
+        // while the publisher pushes back) or when the publisher has stopped.
+        macro_rules! send {
+            ($item:expr) => {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => {
+                        shutting_down = true;
+                        return Ok(());
+                    }
+                    r = tx.send($item) => {
+                        if r.is_err() {
+                            // The publisher stopped: its error is the one to report.
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+        }
         let mut silent_since_ping = false;
         let mut deadline = tokio::time::Instant::now() + half_timeout;
         loop {
@@ -440,6 +459,9 @@ where
                     return Ok(());
                 }
                 m = reader.next() => m?,
+                // The publisher stopped (its error is the one to report): do
+                // not wait for the next WAL message to find out.
+                _ = tx.closed() => return Ok(()),
                 _ = tokio::time::sleep_until(deadline) => {
                     if silent_since_ping {
                         return Err(PipelineError::WalsenderSilent(cfg.replication_timeout));
@@ -460,9 +482,7 @@ where
                     metrics.add_wal_bytes(data.len());
                     if let Err(e) = assembler.push(wal_start, &data) {
                         let item = undecodable(e, policy, &dead_letter_key, Some(&data), &metrics)?;
-                        if tx.send(item).await.is_err() {
-                            return Ok(());
-                        }
+                        send!(item);
                     }
                     loop {
                         let out = match assembler.next() {
@@ -471,9 +491,7 @@ where
                             Err(e) => {
                                 let item =
                                     undecodable(e, policy, &dead_letter_key, None, &metrics)?;
-                                if tx.send(item).await.is_err() {
-                                    return Ok(());
-                                }
+                                send!(item);
                                 continue;
                             }
                         };
@@ -491,10 +509,7 @@ where
                             Output::Commit { end_lsn, .. } => Item::Commit { end_lsn },
                             Output::Progress(lsn) => Item::Mark(lsn),
                         };
-                        if tx.send(item).await.is_err() {
-                            // The publisher stopped: its error is the one to report.
-                            return Ok(());
-                        }
+                        send!(item);
                     }
                 }
                 Some(ReplicationMessage::Keepalive {
@@ -503,8 +518,8 @@ where
                     ..
                 }) => {
                     metrics.set_server_wal_end(wal_end);
-                    if !assembler.in_transaction() && tx.send(Item::Idle(wal_end)).await.is_err() {
-                        return Ok(());
+                    if !assembler.in_transaction() {
+                        send!(Item::Idle(wal_end));
                     }
                     if reply_requested {
                         reply_now.notify_one();
@@ -526,8 +541,8 @@ where
     }
     drop(tx);
 
-    // The publisher drains what was read (unless shutting down), then waits for
-    // confirms; on shutdown bounded by the grace period.
+    // The publisher finishes what it handed to the broker: it waits for the
+    // confirms, on shutdown bounded by the grace period.
     let grace = if shutting_down {
         cfg.shutdown_grace
     } else {
@@ -547,7 +562,11 @@ where
         }
     };
     stop_status.notify_one();
-    let status_result = tokio::time::timeout(Duration::from_secs(10), status_task).await;
+    let mut status_task = status_task;
+    let status_result = tokio::time::timeout(Duration::from_secs(10), &mut status_task).await;
+    if status_result.is_err() {
+        status_task.abort();
+    }
     drop(reader);
     read_result?;
     publish_result?;
@@ -781,7 +800,9 @@ impl<S: Sink> Publisher<S> {
                     }
                 }
                 _ = health.tick() => {
-                    let usable = self.sink.check()?;
+                    let usable = self.sink.check().inspect_err(|_| {
+                        self.metrics.sink_up.store(0, Ordering::Relaxed);
+                    })?;
                     self.metrics.sink_up.store(u64::from(usable), Ordering::Relaxed);
                 }
             }
@@ -1324,6 +1345,37 @@ mod tests {
             assert_eq!(body["event"]["after"]["qty"], "abc");
             assert_eq!(safe, Lsn(0x2010));
         }
+    }
+
+    #[test]
+    fn raw_bytes_that_are_not_utf8_travel_as_base64() {
+        let mut ev = bad_event(0);
+        let rel = Arc::new(Relation::new(
+            16401,
+            "public",
+            "t",
+            ReplicaIdentity::Default,
+            vec![
+                Column::new("id", 23, -1, true),
+                Column::new("note", 25, -1, false),
+            ],
+        ));
+        ev.table = Some(Arc::new(TableInfo::plain(rel)));
+        ev.new = Some(TupleData {
+            columns: vec![
+                ColumnValue::Text(Bytes::from_static(b"2")),
+                ColumnValue::Text(Bytes::from_static(b"caf\xe9")),
+            ],
+        });
+        let opts = EncodeOptions { db: "odoo".into() };
+        assert!(encode_json(&ev, &opts, &mut Vec::new()).is_err());
+        let mut out = Vec::new();
+        let raw = crate::event::encode_json_raw(&ev, &opts, &mut out).unwrap();
+        assert_eq!(raw, ["note"]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["after"], serde_json::json!({"id": 2, "note": "Y2Fm6Q=="}));
+        assert_eq!(v["source"]["raw_columns"], serde_json::json!(["note"]));
+        assert_eq!(v["source"]["table"], "t");
     }
 
     #[test]

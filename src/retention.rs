@@ -231,3 +231,54 @@ async fn heartbeat(client: &tokio_postgres::Client) -> Result<(), GuardError> {
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RetentionConfig {
+        RetentionConfig {
+            source: "postgres://u@localhost/odoo".parse().unwrap(),
+            slot: "s".into(),
+            check_interval: Some(Duration::from_secs(1)),
+            heartbeat_interval: None,
+            max_retained: 1024 * 1024,
+        }
+    }
+
+    #[test]
+    fn measurements_become_metrics_and_warn_past_the_threshold() {
+        let metrics = Metrics::new();
+        let ok = SlotRetention {
+            retained_bytes: 1000,
+            wal_status: "reserved".into(),
+            safe_wal_size: Some(5_000_000),
+        };
+        report(&cfg(), &metrics, &ok);
+        let text = metrics.render();
+        assert!(
+            text.contains("odoo_cdc_slot_retained_wal_bytes 1000"),
+            "{text}"
+        );
+        assert!(text.contains("odoo_cdc_slot_safe_wal_bytes 5000000"));
+        assert!(text.contains("odoo_cdc_slot_wal_status{status=\"reserved\"} 1"));
+        assert!(text.contains("odoo_cdc_slot_retention_warnings_total 0"));
+
+        let behind = SlotRetention {
+            retained_bytes: 3 * 1024 * 1024,
+            wal_status: "extended".into(),
+            safe_wal_size: None,
+        };
+        report(&cfg(), &metrics, &behind);
+        let text = metrics.render();
+        assert!(
+            text.contains("odoo_cdc_slot_retention_warnings_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("odoo_cdc_slot_wal_status{status=\"extended\"} 1"));
+        assert!(
+            !text.contains("odoo_cdc_slot_safe_wal_bytes "),
+            "unlimited: no gauge"
+        );
+    }
+}

@@ -122,6 +122,14 @@ async fn metrics_move_and_readiness_follows_the_broker() {
         Some(1.0)
     );
     assert_eq!(sample(&m, "odoo_cdc_ready"), Some(1.0));
+    for series in [
+        "odoo_cdc_in_flight_messages",
+        "odoo_cdc_replication_lag_bytes",
+        "odoo_cdc_replication_lag_seconds",
+        "odoo_cdc_published_bytes_total",
+    ] {
+        assert!(sample(&m, series).is_some(), "{series} missing:\n{m}");
+    }
     // The slot's flush position is reported and becomes visible.
     eventually("confirmed LSN gauge", 60, || {
         sample(&scrape(&addr), "odoo_cdc_confirmed_lsn").unwrap_or(0.0) > 0.0
@@ -257,13 +265,15 @@ async fn heartbeats_advance_an_idle_slot_while_other_tables_write() {
         sample(&scrape(&addr), "odoo_cdc_heartbeats_total").unwrap_or(0.0) >= 1.0
     })
     .await;
-    let m = scrape(&addr);
-    assert!(m.contains("odoo_cdc_slot_retained_wal_bytes "), "{m}");
-    assert_eq!(
-        sample(&m, "odoo_cdc_slot_wal_status{status=\"reserved\"}"),
-        Some(1.0),
-        "{m}"
-    );
+    // The retention guard measured the slot.
+    eventually("a slot measurement", 60, || {
+        sample(
+            &scrape(&addr),
+            "odoo_cdc_slot_wal_status{status=\"reserved\"}",
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(scrape(&addr).contains("odoo_cdc_slot_retained_wal_bytes "));
     // Heartbeats are never published: only the one insert arrived.
     assert_eq!(unique_ids(&consumer.snapshot()).len(), 1);
     consumer.delete().await;
@@ -667,6 +677,160 @@ async fn a_stalled_walsender_is_detected_by_ping_and_the_session_resumes() {
         http_get(&addr, "/readyz").is_some_and(|(c, _)| c == 200)
     })
     .await;
+    consumer.delete().await;
+    drop(_proc);
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_exits_3() {
+    // A cluster of our own: max_slot_wal_keep_size makes the server give up a
+    // slot that falls too far behind (what protects Odoo's disk).
+    let cluster = common::cluster::PrivateCluster::start(&[("max_slot_wal_keep_size", "1MB")]);
+    let admin = connect(&cluster.admin_url()).await;
+    admin.batch_execute("CREATE DATABASE inv").await.unwrap();
+    let db = connect(&cluster.url("inv")).await;
+    db.batch_execute("CREATE TABLE item (id int PRIMARY KEY); CREATE TABLE filler (x text)")
+        .await
+        .unwrap();
+    let exchange = unique_name("ex");
+    let consumer = consume(&exchange, &unique_name("q"), "#").await;
+    let source = cluster.url("inv");
+    let amqp = amqp_url();
+    let args = [
+        "run",
+        "--source",
+        &source,
+        "--amqp",
+        &amqp,
+        "--exchange",
+        &exchange,
+        "--slot",
+        "inv_slot",
+        "--publication",
+        "inv_pub",
+        "--create-slot",
+        "--create-publication",
+    ];
+    let mut proc = Proc::spawn(&args, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'inv_slot' AND active",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "the connector did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.batch_execute("INSERT INTO item VALUES (1)")
+        .await
+        .unwrap();
+    assert!(
+        consumer
+            .wait_until(Duration::from_secs(60), |m| !m.is_empty())
+            .await
+    );
+    // The connector dies; meanwhile the database writes well past the limit.
+    proc.kill9();
+    for _ in 0..4 {
+        db.batch_execute(
+            "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 20000);
+             SELECT pg_switch_wal();",
+        )
+        .await
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        admin.batch_execute("CHECKPOINT").await.unwrap();
+        let status: Option<String> = admin
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'inv_slot'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if status.as_deref() == Some("lost") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot was not invalidated: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (code, err) = run_to_exit(&args, 60);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("invalidated"), "{err}");
+    consumer.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_broker_stalled_exits_0_after_the_grace_period_without_acknowledging() {
+    let db = TestDb::create("ops_grace").await;
+    db.exec("CREATE TABLE item (id int PRIMARY KEY)").await;
+    let exchange = unique_name("ex");
+    let consumer = consume(&exchange, &unique_name("q"), "#").await;
+    let proxy = TcpProxy::start("127.0.0.1:5672");
+    let stalled_amqp = amqp_url().replace("127.0.0.1:5672", &proxy.host_port());
+    let mut args = common::run_args(&db, &exchange, &stalled_amqp);
+    args.extend([
+        "--shutdown-grace-secs",
+        "3",
+        "--confirm-timeout-secs",
+        "120",
+    ]);
+    let mut proc = Proc::spawn(&args, &[]);
+    wait_for_slot(&db).await;
+    db.exec("INSERT INTO item VALUES (1)").await;
+    assert!(
+        consumer
+            .wait_until(Duration::from_secs(60), |m| !m.is_empty())
+            .await
+    );
+    // The broker stops answering: publishes go out, confirms never come.
+    proxy.stall();
+    db.exec("INSERT INTO item SELECT g FROM generate_series(2, 20) g")
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    assert_eq!(
+        proc.terminate(),
+        Some(0),
+        "clean exit after the grace period"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "shutdown is bounded by the grace period, not the confirm timeout"
+    );
+    let flushed = parse_lsn(&db.confirmed_flush_lsn(&db.name).await.unwrap());
+
+    // Nothing unconfirmed was acknowledged: a restart delivers the rest.
+    proxy.restore();
+    let amqp = amqp_url();
+    let args = common::run_args(&db, &exchange, &amqp);
+    let _proc = Proc::spawn(&args, &[]);
+    assert!(
+        consumer
+            .wait_until(Duration::from_secs(90), |m| unique_ids(m).len() >= 20)
+            .await,
+        "the rows written while the broker stalled arrive after the restart"
+    );
+    let stalled_commit = consumer
+        .snapshot()
+        .iter()
+        .find(|g| g.json()["after"]["id"] == 2)
+        .map(|g| parse_lsn(g.header("x-commit-lsn").unwrap()))
+        .unwrap();
+    assert!(
+        flushed <= stalled_commit,
+        "the slot was acknowledged past an unconfirmed transaction: {flushed:X} > {stalled_commit:X}"
+    );
     consumer.delete().await;
     drop(_proc);
     db.cleanup().await;
