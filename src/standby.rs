@@ -28,6 +28,22 @@ pub fn retry_delay(e: &PipelineError, backoff: &mut Backoff, standby_retry: Dura
     backoff.next_delay()
 }
 
+/// Logs a standby's wait: once at info when it starts, then at debug on every
+/// poll. Waiting for the slot is the standby working as intended, not a
+/// failure to warn about every few seconds for as long as the active one runs.
+pub fn log_wait(e: &PipelineError, already_waiting: &mut bool, retry: Duration) {
+    if *already_waiting {
+        tracing::debug!(error = %e, "standby: the slot is still held");
+    } else {
+        tracing::info!(
+            error = %e,
+            retry_every_ms = retry.as_millis() as u64,
+            "standby: another instance holds the slot; polling until it is released"
+        );
+        *already_waiting = true;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

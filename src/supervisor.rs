@@ -195,6 +195,7 @@ where
 {
     let mut session = settings.session();
     let standby_retry = settings.standby_retry;
+    let mut waiting_as_standby = false;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let guard = tokio::spawn(crate::retention::run(
         RetentionConfig {
@@ -250,13 +251,18 @@ where
                     let cause = e.reconnect_cause();
                     metrics.reconnect(cause);
                     set_state(&metrics, CircuitState::BackingOff, backoff.attempts());
-                    tracing::warn!(
-                        error = %e,
-                        cause = cause.label(),
-                        failures_in_a_row = backoff.attempts(),
-                        retry_in_ms = delay.as_millis() as u64,
-                        "session failed; resuming from the slot's confirmed LSN"
-                    );
+                    if crate::standby::slot_in_use(&e) {
+                        crate::standby::log_wait(&e, &mut waiting_as_standby, delay);
+                    } else {
+                        waiting_as_standby = false;
+                        tracing::warn!(
+                            error = %e,
+                            cause = cause.label(),
+                            failures_in_a_row = backoff.attempts(),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "session failed; resuming from the slot's confirmed LSN"
+                        );
+                    }
                     let mut stop = stop_rx.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}

@@ -110,12 +110,16 @@ async fn the_standby_takes_over_the_slot_when_the_active_instance_dies() {
         })
     };
 
-    // B waits: it is running, but A keeps the slot.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // B waits: it is running, but A keeps the slot and streams.
+    let t0 = Instant::now();
+    while consumer.len() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "A streams");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(alive(&mut b), "the standby must wait, not exit");
     assert_eq!(holder(&db).await.as_deref(), Some("cdc_a"));
     let before = consumer.len();
-    assert!(before > 0, "A streams");
 
     // kill -9 A: B takes over.
     a.kill9();
