@@ -142,6 +142,21 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
         "HOST:PORT serving /metrics, /healthz and /readyz",
     ),
     ("log_format", Kind::Single, "text|json [default: text]"),
+    (
+        "snapshot",
+        Kind::Single,
+        "initial|never|when_needed|initial_only: when to copy the tables' current rows as `r` events [default: initial, i.e. when the slot is created]",
+    ),
+    (
+        "snapshot_workers",
+        Kind::Single,
+        "parallel connections reading tables in the initial snapshot [default: 2]",
+    ),
+    (
+        "snapshot_chunk_rows",
+        Kind::Single,
+        "rows per chunk of an on-demand snapshot [default: 4096]",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,6 +477,9 @@ pub struct Settings {
     pub queue_type: QueueType,
     pub queue_bindings: Vec<String>,
     pub unroutable: Unroutable,
+    pub snapshot: crate::snapshot::SnapshotMode,
+    pub snapshot_workers: usize,
+    pub snapshot_chunk_rows: usize,
 }
 
 impl Settings {
@@ -575,6 +593,13 @@ impl Settings {
                 Unroutable::Fail,
                 &[("fail", Unroutable::Fail), ("drop", Unroutable::Drop)],
             )?,
+            snapshot: raw.choice(
+                "snapshot",
+                crate::snapshot::SnapshotMode::Initial,
+                crate::snapshot::SnapshotMode::CHOICES,
+            )?,
+            snapshot_workers: raw.number("snapshot_workers", 2usize, 1)?,
+            snapshot_chunk_rows: raw.number("snapshot_chunk_rows", 4096usize, 1)?,
             source,
         })
     }
@@ -598,6 +623,9 @@ impl Settings {
         s.spill_dir = self.spill_dir.clone();
         s.status_interval = self.status_interval;
         s.max_events_per_message = self.max_events_per_message;
+        s.snapshot = self.snapshot;
+        s.snapshot_workers = self.snapshot_workers;
+        s.snapshot_chunk_rows = self.snapshot_chunk_rows;
         s
     }
 }

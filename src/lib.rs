@@ -30,6 +30,7 @@ pub mod schema;
 pub mod secret;
 pub mod sink;
 pub mod slot;
+pub mod snapshot;
 pub mod spill;
 pub mod supervisor;
 pub mod tail;

@@ -31,6 +31,8 @@ pub struct Metrics {
     confirmed_lsn: AtomicU64,
     server_wal_end: AtomicU64,
     reconnects: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Snapshot progress by table: (rows done, rows estimated).
+    snapshot_tables: Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
     /// Gauges set by other parts (retention guard, supervisor, snapshot).
     pub slot_retained_wal_bytes: AtomicU64,
     pub streaming: AtomicU64,
@@ -117,6 +119,13 @@ impl Metrics {
     pub fn reconnect(&self, cause: &str) {
         if let Ok(mut m) = self.reconnects.lock() {
             *m.entry(cause.to_string()).or_insert(0) += 1;
+        }
+    }
+
+    /// Progress of a table's (initial or on-demand) snapshot.
+    pub fn snapshot_progress(&self, table: &str, done: u64, estimated: u64) {
+        if let Ok(mut m) = self.snapshot_tables.lock() {
+            m.insert(table.to_string(), (done, estimated));
         }
     }
 
@@ -239,6 +248,19 @@ impl Metrics {
             "Rows read by snapshots so far.",
             self.snapshot_rows.load(Relaxed),
         );
+        let _ = writeln!(
+            s,
+            "# HELP odoo_cdc_snapshot_table_rows Rows of a table published by its latest snapshot, and the estimate (pg_class.reltuples).\n# TYPE odoo_cdc_snapshot_table_rows gauge"
+        );
+        if let Ok(m) = self.snapshot_tables.lock() {
+            for (table, (done, estimated)) in m.iter() {
+                let t = escape_label(table);
+                let _ = writeln!(
+                    s,
+                    "odoo_cdc_snapshot_table_rows{{table=\"{t}\",kind=\"done\"}} {done}\nodoo_cdc_snapshot_table_rows{{table=\"{t}\",kind=\"estimated\"}} {estimated}"
+                );
+            }
+        }
         let _ = writeln!(s, "# HELP odoo_cdc_reconnects_total Reconnects by cause.");
         let _ = writeln!(s, "# TYPE odoo_cdc_reconnects_total counter");
         if let Ok(m) = self.reconnects.lock() {

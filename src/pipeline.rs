@@ -86,6 +86,12 @@ pub struct SessionConfig {
     pub max_events_per_message: usize,
     /// How long to wait for in-flight confirms on shutdown.
     pub shutdown_grace: Duration,
+    /// When to take an initial snapshot.
+    pub snapshot: crate::snapshot::SnapshotMode,
+    /// Parallel connections of the initial snapshot.
+    pub snapshot_workers: usize,
+    /// Rows per chunk of an on-demand snapshot.
+    pub snapshot_chunk_rows: usize,
 }
 
 impl SessionConfig {
@@ -111,6 +117,9 @@ impl SessionConfig {
             status_interval: Duration::from_secs(10),
             max_events_per_message: 1000,
             shutdown_grace: Duration::from_secs(30),
+            snapshot: crate::snapshot::SnapshotMode::Initial,
+            snapshot_workers: 2,
+            snapshot_chunk_rows: 4096,
         }
     }
 }
@@ -129,6 +138,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error("the replication stream ended: the server closed it (shutdown or slot taken over?)")]
     StreamEnded,
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -140,6 +151,7 @@ impl PipelineError {
             PipelineError::Replication(e) => e.is_retryable(),
             PipelineError::Slot(e) => e.is_retryable(),
             PipelineError::Sink(e) => e.is_retryable(),
+            PipelineError::Snapshot(e) => e.is_retryable(),
             PipelineError::StreamEnded => true,
             // A value that cannot be encoded will fail again on replay.
             PipelineError::Encode(_) | PipelineError::Assemble(_) => false,
@@ -148,8 +160,8 @@ impl PipelineError {
     }
 }
 
-/// What the reader sends to the publisher, in WAL order.
-enum Item {
+/// What the reader (and the snapshot) sends to the publisher, in WAL order.
+pub(crate) enum Item {
     Begin {
         xid: u32,
         commit_lsn: Lsn,
@@ -161,6 +173,8 @@ enum Item {
     },
     /// A safe position with nothing to publish (idle keepalive, heartbeat).
     Mark(Lsn),
+    /// Answered once everything sent before is confirmed (end of a snapshot).
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 /// How a session ended without error.
@@ -186,6 +200,70 @@ where
     let version = client.server_version_num();
     let prepared = slot::prepare(&mut client, cfg).await?;
     let start = prepared.start;
+    let mut describer = describer;
+    tokio::pin!(shutdown);
+
+    // The publisher runs from the start: an initial snapshot goes through it too.
+    let confirmed = Arc::new(AtomicU64::new(start.0));
+    let advanced = Arc::new(Notify::new());
+    let (tx, rx) = mpsc::channel::<Item>(cfg.channel_capacity);
+    let publisher = {
+        let cfg = cfg.clone();
+        let confirmed = confirmed.clone();
+        let advanced = advanced.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut p = Publisher::new(&cfg, sink, start, confirmed, advanced, metrics);
+            p.run(rx).await
+        })
+    };
+
+    if let Some(export) = &prepared.export {
+        let done = tokio::select! {
+            biased;
+            _ = &mut shutdown => None,
+            r = initial_snapshot(cfg, export, version, describer.as_mut(), &tx, &metrics) => Some(r),
+        };
+        let outcome = match done {
+            Some(Ok(())) => Ok(true),
+            Some(Err(e)) => Err(e),
+            // Shutdown mid-snapshot: the temporary slot goes with the
+            // connection, so the next start snapshots again.
+            None => Ok(false),
+        };
+        let finished = match outcome {
+            Ok(true) if cfg.snapshot != crate::snapshot::SnapshotMode::InitialOnly => {
+                slot::finish_snapshot(&mut client, cfg, export).await?;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                drop(tx);
+                let publisher_error =
+                    match tokio::time::timeout(cfg.shutdown_grace, publisher).await {
+                        Ok(Ok(Err(p))) => Some(p),
+                        _ => None,
+                    };
+                return Err(match (e, publisher_error) {
+                    (
+                        PipelineError::Snapshot(crate::snapshot::SnapshotError::PublisherGone),
+                        Some(p),
+                    ) => p,
+                    (e, _) => e,
+                });
+            }
+        };
+        if !finished {
+            drop(tx);
+            let r = tokio::time::timeout(cfg.shutdown_grace, publisher).await;
+            client.close().await;
+            if let Ok(Ok(Err(e))) = r {
+                return Err(e);
+            }
+            return Ok(Stopped::Shutdown { confirmed: start });
+        }
+    }
+
     tracing::info!(
         slot = %cfg.slot,
         publication = %cfg.publication,
@@ -217,8 +295,6 @@ where
         .await?;
     let (mut reader, mut status) = stream.split();
 
-    let confirmed = Arc::new(AtomicU64::new(start.0));
-    let advanced = Arc::new(Notify::new());
     let reply_now = Arc::new(Notify::new());
     let stop_status = Arc::new(Notify::new());
 
@@ -265,20 +341,17 @@ where
         })
     };
 
-    let (tx, rx) = mpsc::channel::<Item>(cfg.channel_capacity);
-    let publisher = {
-        let cfg = cfg.clone();
-        let confirmed = confirmed.clone();
-        let advanced = advanced.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut p = Publisher::new(&cfg, sink, start, confirmed, advanced, metrics);
-            p.run(rx).await
-        })
-    };
-
     let mut assembler = Assembler::new(describer, cfg.stream_mem_budget, cfg.spill_dir.clone());
-    tokio::pin!(shutdown);
+    let mut incremental = crate::snapshot::incremental::Incremental::new(
+        crate::snapshot::incremental::Settings {
+            source: cfg.source.clone(),
+            publications: publication_list(cfg),
+            chunk_rows: cfg.snapshot_chunk_rows.max(1),
+            server_version: version,
+        },
+        metrics.clone(),
+    );
+    let mut snapshot_rows: Vec<ChangeEvent> = Vec::new();
     let read_result: Result<(), PipelineError> = async {
         loop {
             let msg = tokio::select! {
@@ -304,7 +377,24 @@ where
                                 commit_lsn,
                                 commit_ts,
                             },
-                            Output::Event(ev) => Item::Event(ev),
+                            Output::Event(ev) => {
+                                // Snapshot signals and watermarks are consumed
+                                // here; a high watermark releases a chunk's rows.
+                                let consumed = incremental.on_event(
+                                    &ev,
+                                    &mut |rel| assembler.describe_relation(rel),
+                                    &mut snapshot_rows,
+                                );
+                                if consumed {
+                                    for row in snapshot_rows.drain(..) {
+                                        if tx.send(Item::Event(row)).await.is_err() {
+                                            return Ok(());
+                                        }
+                                    }
+                                    continue;
+                                }
+                                Item::Event(ev)
+                            }
                             Output::Commit { end_lsn, .. } => Item::Commit { end_lsn },
                             Output::Progress(lsn) => Item::Mark(lsn),
                         };
@@ -320,6 +410,7 @@ where
                     ..
                 }) => {
                     metrics.set_server_wal_end(wal_end);
+                    incremental.poll();
                     if !assembler.in_transaction() && tx.send(Item::Mark(wal_end)).await.is_err() {
                         return Ok(());
                     }
@@ -332,6 +423,7 @@ where
     }
     .await;
     drop(tx);
+    drop(incremental);
 
     // The publisher drains what was read, then waits for confirms (bounded by the grace period).
     let publish_result = match tokio::time::timeout(cfg.shutdown_grace, publisher).await {
@@ -362,6 +454,43 @@ where
     })
 }
 
+fn publication_list(cfg: &SessionConfig) -> Vec<String> {
+    cfg.publication
+        .split(',')
+        .map(|p| p.trim().to_string())
+        .collect()
+}
+
+/// Reads the tables inside the exported snapshot and waits until the broker
+/// confirmed every row.
+async fn initial_snapshot(
+    cfg: &SessionConfig,
+    export: &slot::Export,
+    version: u32,
+    describer: &mut dyn TableDescriber,
+    tx: &mpsc::Sender<Item>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), PipelineError> {
+    let plan = crate::snapshot::initial::Plan {
+        source: cfg.source.clone(),
+        publications: publication_list(cfg),
+        snapshot_name: export.snapshot_name.clone(),
+        consistent_point: export.consistent_point,
+        workers: cfg.snapshot_workers,
+        server_version: version,
+    };
+    crate::snapshot::initial::run(&plan, describer, tx, metrics).await?;
+    let (done, confirmed) = tokio::sync::oneshot::channel();
+    tx.send(Item::Barrier(done))
+        .await
+        .map_err(|_| crate::snapshot::SnapshotError::PublisherGone)?;
+    confirmed
+        .await
+        .map_err(|_| crate::snapshot::SnapshotError::PublisherGone)?;
+    tracing::info!(consistent_point = %export.consistent_point, "initial snapshot confirmed by the sink");
+    Ok(())
+}
+
 /// The publishing stage.
 struct Publisher<S: Sink> {
     sink: S,
@@ -379,6 +508,8 @@ struct Publisher<S: Sink> {
     on_flush: Vec<DeliveryId>,
     txn: Option<TxnBatch>,
     buf: Vec<u8>,
+    /// Answered when nothing is in flight any more.
+    barriers: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 type PendingConfirm = std::pin::Pin<
@@ -423,6 +554,7 @@ impl<S: Sink> Publisher<S> {
             on_flush: Vec::new(),
             txn: None,
             buf: Vec::with_capacity(4096),
+            barriers: Vec::new(),
         }
     }
 
@@ -465,7 +597,16 @@ impl<S: Sink> Publisher<S> {
             Ok(None) => {}
             Err(e) => return Err(PipelineError::Internal(e.to_string())),
         }
+        self.release_barriers();
         Ok(())
+    }
+
+    fn release_barriers(&mut self) {
+        if !self.barriers.is_empty() && self.checkpoint.in_flight() == 0 {
+            for b in self.barriers.drain(..) {
+                let _ = b.send(());
+            }
+        }
     }
 
     fn publish_lsn(&self, lsn: Lsn) {
@@ -495,10 +636,17 @@ impl<S: Sink> Publisher<S> {
             }
             Item::Event(ev) => {
                 self.metrics.event(&ev);
+                // Snapshot rows belong to no transaction: one message each.
                 match self.granularity {
                     Granularity::Row => self.publish_row(&ev).await?,
+                    Granularity::Transaction if ev.snapshot => self.publish_row(&ev).await?,
                     Granularity::Transaction => self.add_to_txn(&ev).await?,
                 }
+            }
+            Item::Barrier(done) => {
+                self.flush_pending_writes().await?;
+                self.barriers.push(done);
+                self.release_barriers();
             }
             Item::Commit { end_lsn } => {
                 if self.granularity == Granularity::Transaction {
