@@ -376,3 +376,85 @@ async fn kill_during_initial_snapshot_then_restart_gives_the_exact_table() {
     drop(proc);
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_publishes_the_initial_snapshot_to_rabbitmq_before_the_stream() {
+    let db = TestDb::create("snap_run").await;
+    db.exec(
+        "CREATE TABLE sale_order (id int PRIMARY KEY, name text, amount_total numeric(12,2), tags text[]);
+         INSERT INTO sale_order SELECT g, 'S' || g, g * 1.5, ARRAY['a', 'b'] FROM generate_series(1, 3000) g;
+         CREATE TABLE nokey (v int);
+         INSERT INTO nokey VALUES (1), (2);",
+    )
+    .await;
+    let exchange = common::unique_name("ex");
+    let consumer = common::amqp::consume(
+        &exchange,
+        &common::unique_name("q"),
+        &format!("{}.public.#", db.name),
+    )
+    .await;
+    let amqp = common::amqp_url();
+    let mut args = common::run_args(&db, &exchange, &amqp);
+    args.extend(["--snapshot-workers", "3"]);
+    let _p = Proc::spawn(&args, &[]);
+    common::wait_for_slot(&db).await;
+    db.exec("INSERT INTO sale_order VALUES (3001, 'after', 1, NULL)")
+        .await;
+    assert!(
+        consumer
+            .wait_until(Duration::from_secs(90), |m| m.len() >= 3003)
+            .await,
+        "got {}",
+        consumer.len()
+    );
+    let got = consumer.snapshot();
+    let (reads, rest) = got.split_at(3002);
+    let p = &db.name;
+    let mut ids = std::collections::HashSet::new();
+    for g in reads {
+        let ev = g.json();
+        assert_eq!(ev["op"], "r");
+        assert_eq!(ev["source"]["snapshot"], true);
+        assert_eq!(g.header("x-snapshot"), Some("true"));
+        let table = ev["source"]["table"].as_str().unwrap();
+        assert_eq!(g.routing_key, format!("{p}.public.{table}.snapshot"));
+        // <consistent point>-r<table oid>-<ordinal>
+        let parts: Vec<&str> = g.message_id.split('-').collect();
+        assert_eq!(parts.len(), 3, "{}", g.message_id);
+        assert_eq!(parts[0].len(), 16);
+        let (hi, lo) = ev["source"]["commit_lsn"]
+            .as_str()
+            .unwrap()
+            .split_once('/')
+            .unwrap();
+        let lsn =
+            (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+        assert_eq!(parts[0], format!("{lsn:016X}"));
+        assert!(parts[1].starts_with('r') && parts[1].len() == 9);
+        assert_eq!(parts[2].len(), 10);
+        assert!(
+            ids.insert(g.message_id.clone()),
+            "duplicate id {}",
+            g.message_id
+        );
+        if table == "sale_order" {
+            let id = ev["key"]["id"].as_i64().unwrap();
+            assert_eq!(ev["after"]["name"], format!("S{id}"));
+            assert_eq!(ev["after"]["tags"], serde_json::json!(["a", "b"]));
+            assert!(ev["after"]["amount_total"].is_string());
+        }
+    }
+    assert_eq!(
+        reads
+            .iter()
+            .filter(|g| g.routing_key.ends_with(".nokey.snapshot"))
+            .count(),
+        2
+    );
+    let ev = rest[0].json();
+    assert_eq!(ev["op"], "c");
+    assert_eq!(ev["after"]["id"], 3001);
+    consumer.delete().await;
+    db.cleanup().await;
+}
