@@ -458,3 +458,61 @@ async fn run_publishes_the_initial_snapshot_to_rabbitmq_before_the_stream() {
     consumer.delete().await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_only_exits_after_the_snapshot_and_when_needed_creates_the_slot() {
+    let db = TestDb::create("snap_modes").await;
+    db.exec(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION {} FOR ALL TABLES;",
+        db.name
+    ))
+    .await;
+    let base = [
+        "tail",
+        "--source",
+        &db.url,
+        "--slot",
+        &db.name,
+        "--publication",
+        &db.name,
+    ];
+
+    // initial_only: the rows, exit 0, and no slot left behind.
+    let mut args = base.to_vec();
+    args.extend(["--snapshot", "initial_only"]);
+    let mut p = Proc::spawn(&args, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "initial_only did not exit");
+        p.collect_until(Duration::from_millis(200), |_| false);
+    };
+    p.collect_until(Duration::from_millis(500), |_| false);
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(p.events().len(), 100);
+    assert!(p.events().iter().all(|e| e["op"] == "r"));
+    let slots = db
+        .scalar_i64(&format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = '{}'",
+            db.name
+        ))
+        .await;
+    assert_eq!(slots, 0, "initial_only must not leave a slot");
+
+    // when_needed: creates the missing slot (no --create-slot) with a snapshot.
+    let mut args = base.to_vec();
+    args.extend(["--snapshot", "when_needed"]);
+    let mut p = Proc::spawn(&args, &[]);
+    common::wait_for_slot(&db).await;
+    db.exec("INSERT INTO t VALUES (101, 'streamed')").await;
+    assert!(p.collect_until(Duration::from_secs(60), |l| l.len() >= 101));
+    let ev = p.events();
+    assert_eq!(common::count_ops(&ev, "r"), 100);
+    assert_eq!(ev[100]["op"], "c");
+    assert_eq!(p.terminate(), Some(0));
+    db.cleanup().await;
+}
