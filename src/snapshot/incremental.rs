@@ -707,7 +707,7 @@ async fn run_worker(
         );
 
         emit_watermark(&client, session, job, chunk_no, "low").await?;
-        let (rows, snapshot) = read_chunk(&client, &spec, &sql).await?;
+        let (rows, snapshot) = read_chunk(&client, &spec, &sql, settings.server_version).await?;
         let n = rows.len();
         let last = rows.last().map(|r| {
             spec.chunk_key
@@ -759,7 +759,14 @@ async fn read_chunk(
     client: &tokio_postgres::Client,
     spec: &TableSpec,
     sql: &str,
+    server_version: u32,
 ) -> Result<(Vec<TupleData>, MvccSnapshot), SnapshotError> {
+    // Same text form; pg_current_snapshot() is the PostgreSQL 13+ name.
+    let snapshot_sql = if server_version >= 130000 {
+        "SELECT pg_current_snapshot()::text"
+    } else {
+        "SELECT txid_current_snapshot()::text"
+    };
     let what = format!("reading a chunk of {}", spec.qualified());
     bounded(
         &what,
@@ -771,7 +778,7 @@ async fn read_chunk(
         // The first statement fixes the transaction's snapshot; the COPY uses it.
         let row = bounded(
             &what,
-            client.query_one("SELECT pg_current_snapshot()::text", &[]),
+            client.query_one(snapshot_sql, &[]),
         )
         .await?
         .map_err(SnapshotError::sql(what.clone()))?;
