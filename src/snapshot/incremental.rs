@@ -776,12 +776,9 @@ async fn read_chunk(
     .map_err(SnapshotError::sql(what.clone()))?;
     let result = async {
         // The first statement fixes the transaction's snapshot; the COPY uses it.
-        let row = bounded(
-            &what,
-            client.query_one(snapshot_sql, &[]),
-        )
-        .await?
-        .map_err(SnapshotError::sql(what.clone()))?;
+        let row = bounded(&what, client.query_one(snapshot_sql, &[]))
+            .await?
+            .map_err(SnapshotError::sql(what.clone()))?;
         let text: String = row.get(0);
         let snapshot = MvccSnapshot::parse(&text).ok_or_else(|| SnapshotError::Table {
             table: spec.qualified(),
