@@ -144,6 +144,8 @@ struct Active {
     end_written: Arc<std::sync::atomic::AtomicBool>,
     /// Known once the worker described the table.
     spec: Option<Box<TableSpec>>,
+    /// The worker waits for this before reading: `false` when the filters exclude the table.
+    start_reply: Option<oneshot::Sender<bool>>,
     info: Option<Arc<TableInfo>>,
     key_names: Vec<String>,
     /// Stream relation (by pointer) → positions of the key columns.
@@ -315,6 +317,7 @@ impl Incremental {
             worker,
             end_written,
             spec: None,
+            start_reply: None,
             info: None,
             key_names: Vec::new(),
             key_positions: None,
@@ -358,7 +361,8 @@ impl Incremental {
             .map(|i| spec.relation.columns[*i].name.clone())
             .collect();
         a.spec = Some(spec);
-        let _ = reply.send(true);
+        // Answered at the start watermark, once the table is described.
+        a.start_reply = Some(reply);
     }
 
     fn on_watermark(
@@ -388,11 +392,14 @@ impl Incremental {
                 // Changes are tracked from here on (`drain` saw the table's description).
                 if let Some(spec) = &a.spec {
                     let info = describe(spec.relation.clone());
-                    if !info.included {
-                        tracing::warn!(table = %a.table, "on-demand snapshot skipped: the table is excluded by the filters");
+                    let included = info.included;
+                    if included {
+                        tracing::info!(table = %a.table, estimated_rows = spec.estimated_rows, "on-demand snapshot started");
                     }
                     a.info = Some(info);
-                    tracing::info!(table = %a.table, estimated_rows = spec.estimated_rows, "on-demand snapshot started");
+                    if let Some(reply) = a.start_reply.take() {
+                        let _ = reply.send(included);
+                    }
                 }
             }
             "low" => {
@@ -668,8 +675,13 @@ async fn run_worker(
     })
     .map_err(|_| gone())?;
     emit_watermark(&client, session, job, 0, "start").await?;
-    // The reader answers once it saw the start watermark's turn come (or at once).
-    let _ = accepted.await.map_err(|_| gone())?;
+    // The reader answers at the start watermark, once it described the table.
+    if !accepted.await.map_err(|_| gone())? {
+        return Err(SnapshotError::Table {
+            table: table.to_string(),
+            what: "excluded by the table filters: nothing to snapshot".into(),
+        });
+    }
 
     let key_cols: Vec<String> = spec
         .chunk_key
