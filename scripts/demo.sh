@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# The one-command demo: an Odoo-like database under an ORM-style workload, and
-# odoo-cdc streaming its changes to RabbitMQ, with the sales orders routed to a
-# quorum queue.
+# The one-command demo: an Odoo-like database under an ORM-style workload,
+# odoo-cdc streaming its changes to RabbitMQ, and a downstream order service
+# (examples/order_consumer.rs) keeping its own copy of the orders from the events.
 #
-#   scripts/demo.sh                     # ~30 s of orders, then leaves odoo-cdc running
-#   DEMO_SECONDS=10 scripts/demo.sh     # non-interactive (CI): stops odoo-cdc itself, exit 0
+#   scripts/demo.sh                     # ~30 s of orders, then leaves odoo-cdc and the order service running
+#   DEMO_SECONDS=10 scripts/demo.sh     # non-interactive (CI): stops both itself, exit 0
 #
 # Knobs: DEMO_SECONDS (workload duration, default 30), DEMO_RATE (orders/s, default 20,
-# 0 = as fast as possible), DEMO_DIR (logs, default target/demo).
+# 0 = as fast as possible), DEMO_DIR (logs, default target/demo), DEMO_PORT (the order
+# service's HTTP port, default 18080).
 #
 # What it does: starts the local services (scripts/services.sh up), recreates the
-# database odoo_demo (dropping a leftover slot of that name), loads the Odoo schema,
-# builds the connector and the workload in release mode, starts
+# database odoo_demo (dropping a leftover slot of that name), builds the connector,
+# the workload and the order service in release mode, starts the order service (its
+# own quorum queue bound to sale_order, sale_order_line and res_partner events, a
+# SQLite file, HTTP on DEMO_PORT), then
 #   odoo-cdc run ... --queue odoo_demo_orders --queue-type quorum
 #                    --queue-binding 'odoo_demo.public.sale_order.*'
 #                    --queue-binding 'odoo_demo.public.sale_order_line.*'
-# in the background, runs the workload, and shows the queue filling up. At the end
-# the queue must hold exactly one message per sale_order/sale_order_line row the
-# workload changed; the script fails otherwise.
+# in the background, loads the Odoo schema, runs the workload, and prints a progress
+# line every 2 s. At the end the queue must hold exactly one message per
+# sale_order/sale_order_line row the workload changed, and the order service's copy
+# must equal the database (orders, lines, partners); the script fails otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +29,8 @@ DB=odoo_demo
 SLOT=odoo_demo
 QUEUE=odoo_demo_orders
 PEEK_SLOT=odoo_demo_peek
+SERVICE_QUEUE=odoo_demo_order_service
+PORT="${DEMO_PORT:-18080}"
 DURATION="${DEMO_SECONDS:-30}"
 RATE="${DEMO_RATE:-20}"
 DIR="${DEMO_DIR:-target/demo}"
@@ -37,6 +43,7 @@ die() { printf '[demo] error: %s\n' "$*" >&2; exit 1; }
 
 case "$DURATION" in '' | *[!0-9]*) die "DEMO_SECONDS must be a whole number of seconds" ;; esac
 case "$RATE" in '' | *[!0-9]*) die "DEMO_RATE must be a whole number of orders per second" ;; esac
+case "$PORT" in '' | *[!0-9]*) die "DEMO_PORT must be a port number" ;; esac
 [ "$DURATION" -gt 0 ] || die "DEMO_SECONDS must be at least 1"
 
 say "starting PostgreSQL (wal_level=logical) and RabbitMQ"
@@ -52,20 +59,29 @@ queue_depth() {
     awk -v q="$QUEUE" '$1 == q { print $2; found = 1 } END { if (!found) print 0 }'
 }
 
+service() { curl -fsS --max-time 10 "http://127.0.0.1:$PORT$1"; }
+# One number out of the service's /stats JSON (no jq needed).
+stat_of() { printf '%s' "$1" | grep -o "\"$2\":[0-9]*" | grep -o '[0-9]*$' || echo 0; }
+
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
 
-# A connector left running by an earlier interactive demo holds the slot: stop it,
-# but only if the recorded pid still is an odoo-cdc process.
-if [ -f "$DIR/odoo-cdc.pid" ]; then
-  old="$(cat "$DIR/odoo-cdc.pid")"
-  if [ -n "$old" ] && grep -q odoo-cdc "/proc/$old/cmdline" 2>/dev/null; then
-    say "stopping the connector of an earlier demo (pid $old)"
-    kill -TERM "$old" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+# A connector or order service left running by an earlier interactive demo holds the
+# slot / the port: stop it, but only if the recorded pid still is that program.
+stop_earlier() { # pidfile, name in its command line
+  if [ -f "$DIR/$1" ]; then
+    local old
+    old="$(cat "$DIR/$1")"
+    if [ -n "$old" ] && grep -q "$2" "/proc/$old/cmdline" 2>/dev/null; then
+      say "stopping the $2 of an earlier demo (pid $old)"
+      kill -TERM "$old" 2>/dev/null || true
+      for _ in $(seq 1 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+    fi
+    rm -f "$DIR/$1"
   fi
-  rm -f "$DIR/odoo-cdc.pid"
-fi
+}
+stop_earlier odoo-cdc.pid odoo-cdc
+stop_earlier order_consumer.pid order_consumer
 
 say "recreating database $DB"
 # Any walsender still streaming the slot must go before the slot can be dropped,
@@ -83,26 +99,41 @@ done
 psql_admin -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 # The queue of an earlier run would make the counts below meaningless.
 timeout 30 rabbitmqctl -q delete_queue "$QUEUE" >/dev/null 2>&1 || true
+timeout 30 rabbitmqctl -q delete_queue "$SERVICE_QUEUE" >/dev/null 2>&1 || true
+rm -f "$DIR/orders.sqlite" "$DIR/orders.sqlite-wal" "$DIR/orders.sqlite-shm"
 
-say "building odoo-cdc and the workload (release)"
-cargo build --release --bin odoo-cdc --example odoo_workload
+say "building odoo-cdc, the workload and the order service (release)"
+cargo build --release --bin odoo-cdc --example odoo_workload --example order_consumer
 TARGET="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
 CDC="$TARGET/release/odoo-cdc"
 WORKLOAD="$TARGET/release/examples/odoo_workload"
-
-say "loading the Odoo schema and seed data into $DB"
-"$WORKLOAD" --source "$SOURCE" --init --orders 0
+CONSUMER="$TARGET/release/examples/order_consumer"
 
 CDC_PID=""
+CONSUMER_PID=""
 PEEK_PID=""
 WL_PID=""
 cleanup() {
-  # Only what this script started, by pid. The connector survives a normal
-  # interactive end (CDC_PID is cleared then).
-  for pid in $WL_PID $PEEK_PID $CDC_PID; do kill -TERM "$pid" 2>/dev/null || true; done
+  # Only what this script started, by pid. The connector and the order service
+  # survive a normal interactive end (their pids are cleared then).
+  for pid in $WL_PID $PEEK_PID $CDC_PID $CONSUMER_PID; do kill -TERM "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# The order service first: it declares its queue, so no order event is published
+# before something is bound to keep it. It never connects to PostgreSQL.
+say "starting the order service (examples/order_consumer.rs, log: $DIR/order_consumer.log)"
+nohup "$CONSUMER" --amqp "$AMQP" --prefix "$DB" --queue "$SERVICE_QUEUE" --queue-type quorum \
+  --sqlite "$DIR/orders.sqlite" --listen "127.0.0.1:$PORT" >"$DIR/order_consumer.log" 2>&1 &
+CONSUMER_PID=$!
+echo "$CONSUMER_PID" >"$DIR/order_consumer.pid"
+for _ in $(seq 1 150); do
+  kill -0 "$CONSUMER_PID" 2>/dev/null || { cat "$DIR/order_consumer.log" >&2; die "the order service exited (port $PORT in use? set DEMO_PORT)"; }
+  service /healthz >/dev/null 2>&1 && break
+  sleep 0.2
+done
+service /healthz >/dev/null 2>&1 || die "the order service did not answer on port $PORT within 30 s"
 
 say "starting odoo-cdc run (log: $DIR/odoo-cdc.log)"
 # The other tables' events are unroutable by design here, and the connector warns
@@ -130,6 +161,10 @@ done
 [ -n "$ready" ] || { tail -n 20 "$DIR/odoo-cdc.log" >&2; die "odoo-cdc did not start streaming within 60 s"; }
 say "odoo-cdc is streaming (pid $CDC_PID)"
 
+# The schema after the connector: the seed partners and products flow as events too.
+say "loading the Odoo schema and seed data into $DB"
+"$WORKLOAD" --source "$SOURCE" --init --orders 0
+
 # Sample event bodies: a second, temporary slot read by `odoo-cdc tail`, which uses
 # the same encoder as `run` (the queue's messages are byte for byte these lines).
 # It ends with its connection, so it leaves nothing behind.
@@ -155,10 +190,11 @@ slot_lag() {
                  FROM pg_replication_slots WHERE slot_name = '$SLOT'"
 }
 progress_line() {
-  local depth wl
+  local depth wl st
   depth="$(queue_depth)"
   wl="$(tail -n 1 "$DIR/workload.log" 2>/dev/null | sed 's/^odoo_workload: //')"
-  say "t=$(elapsed)s  queue $QUEUE: ${depth} events  slot lag: $(slot_lag)  | workload: ${wl:-starting}"
+  st="$(service /stats 2>/dev/null || echo '{}')"
+  say "t=$(elapsed)s  queue $QUEUE: ${depth} events  slot lag: $(slot_lag)  order service: $(stat_of "$st" orders) orders, $(stat_of "$st" applied) events applied  | workload: ${wl:-starting}"
 }
 
 while kill -0 "$WL_PID" 2>/dev/null; do
@@ -212,6 +248,26 @@ kill -TERM "$PEEK_PID" 2>/dev/null || true
 wait "$PEEK_PID" 2>/dev/null || true
 PEEK_PID=""
 
+# The order service's copy must equal the database.
+want="$(psql_db -c "SELECT (SELECT count(*) FROM sale_order) || ' ' || (SELECT count(*) FROM sale_order_line) || ' ' || (SELECT count(*) FROM res_partner)")"
+got=""
+for _ in $(seq 1 120); do
+  st="$(service /stats 2>/dev/null || echo '{}')"
+  got="$(stat_of "$st" orders) $(stat_of "$st" lines) $(stat_of "$st" partners)"
+  [ "$got" = "$want" ] && break
+  sleep 0.5
+done
+order_id="$(psql_db -c "SELECT id FROM sale_order WHERE state = 'sale' ORDER BY id DESC LIMIT 1")"
+if [ -n "$order_id" ]; then
+  say "order $order_id as the order service serves it (curl http://127.0.0.1:$PORT/orders/$order_id):"
+  if command -v jq >/dev/null 2>&1; then
+    service "/orders/$order_id" | jq -c '{order: (.order | {id, name, state, amount_total}), lines: [.lines[] | {id, name, product_uom_qty, price_subtotal}], partner: (.partner | {id, name, email})}'
+  else
+    service "/orders/$order_id"; echo
+  fi
+fi
+say "order service: $(service /stats 2>/dev/null || echo '?')"
+
 say "last lines of the odoo-cdc log:"
 tail -n 5 "$DIR/odoo-cdc.log"
 
@@ -221,6 +277,13 @@ say "figures: the workload changed $all_rows rows in $(secs "$wl_secs_ns") s ($(
 say "         odoo-cdc had every one of them confirmed by RabbitMQ $(secs "$caught_ns") s after the start: $(per_sec "$all_rows" "$caught_ns") change events/s published, $(per_sec "$expected" "$caught_ns")/s of them routed to $QUEUE"
 
 status=0
+if [ "$got" != "$want" ]; then
+  printf '[demo] error: the order service has %s (orders lines partners), the database %s\n' "$got" "$want" >&2
+  status=1
+else
+  set -- $want
+  say "check: the order service's copy equals the database ($1 orders, $2 lines, $3 partners)"
+fi
 if [ "$depth" != "$expected" ]; then
   printf '[demo] error: queue %s holds %s messages, the workload changed %s order rows\n' "$QUEUE" "$depth" "$expected" >&2
   status=1
@@ -237,6 +300,11 @@ if [ -n "$UNATTENDED" ]; then
   rm -f "$DIR/odoo-cdc.pid"
   [ "$code" = 0 ] || { tail -n 20 "$DIR/odoo-cdc.log" >&2; die "odoo-cdc exited with $code"; }
   say "odoo-cdc stopped cleanly"
+  kill -TERM "$CONSUMER_PID"
+  wait "$CONSUMER_PID" || true
+  CONSUMER_PID=""
+  rm -f "$DIR/order_consumer.pid"
+  timeout 30 rabbitmqctl -q delete_queue "$SERVICE_QUEUE" >/dev/null 2>&1 || true
   # An idle slot pins WAL on the cluster for as long as it exists: nobody will resume
   # this one. The database stays for inspection.
   psql_admin -c "SELECT pg_drop_replication_slot('$SLOT')" >/dev/null
@@ -245,13 +313,17 @@ if [ -n "$UNATTENDED" ]; then
 fi
 
 CDC_RUNNING="$CDC_PID"
-CDC_PID=""  # keep it running after this script ends
+CONSUMER_RUNNING="$CONSUMER_PID"
+CDC_PID=""  # keep both running after this script ends
+CONSUMER_PID=""
 cat <<EOF
 
-odoo-cdc is still running (pid $CDC_RUNNING) and streams every change of $DB.
+odoo-cdc (pid $CDC_RUNNING) streams every change of $DB; the order service
+(pid $CONSUMER_RUNNING) keeps its copy of the orders and answers without PostgreSQL.
   more orders:   $WORKLOAD --source $SOURCE --orders 1000 --rate 50 --progress
+  read orders:   curl http://127.0.0.1:$PORT/orders/$order_id ; curl http://127.0.0.1:$PORT/stats
   watch it:      tail -f $DIR/odoo-cdc.log ; rabbitmqctl list_queues name messages
-  stop it:       kill $CDC_RUNNING
+  stop them:     kill $CDC_RUNNING $CONSUMER_RUNNING
   drop its slot: psql $ADMIN_URL -c "SELECT pg_drop_replication_slot('$SLOT')"   (else it pins WAL)
   stop services: scripts/services.sh down
 EOF

@@ -13,6 +13,10 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo build --examples"
 cargo build --examples
+echo "== docker/ and README offline checks"
+# No container engine in CI: tests/docker.rs checks the compose file and the
+# Dockerfile offline; tests/readme.rs checks the options reference.
+cargo test --test docker --test readme
 echo "== cargo test"
 # Each test binary runs its tests in parallel; binaries run one after another,
 # so the fault-injection binary (which stops the broker) never overlaps others.

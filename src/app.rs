@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use crate::cli::{Invocation, SlotAction};
 use crate::config::Settings;
-use crate::pipeline::Stopped;
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
@@ -29,21 +28,29 @@ pub async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
-    tracing::info!("shutdown requested: finishing in-flight work");
+    tracing::info!("shutdown requested: finishing in-flight work (a second signal exits at once)");
+    // An operator who signals twice wants out now: nothing unconfirmed was
+    // acknowledged, so the next start replays it.
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::warn!("second signal: exiting without waiting for in-flight confirms");
+        std::process::exit(1);
+    });
+    #[cfg(unix)]
+    tokio::spawn(async {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+            tracing::warn!("second signal: exiting without waiting for in-flight confirms");
+            std::process::exit(1);
+        }
+    });
 }
 
 pub async fn main(invocation: Invocation) -> ExitCode {
     match invocation {
-        Invocation::Tail(settings) => match crate::tail::tail(&settings, shutdown_signal()).await {
-            Ok(Stopped::Shutdown { confirmed }) => {
-                tracing::info!(confirmed = %confirmed, "stopped");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "tail failed");
-                ExitCode::from(1)
-            }
-        },
+        Invocation::Tail(settings) => crate::tail::run(settings, shutdown_signal()).await,
         Invocation::Run(settings) => crate::supervisor::run(settings, shutdown_signal()).await,
         Invocation::Check(settings) => crate::check::run(&settings).await,
         Invocation::Slot(action, settings) => slot_command(action, &settings).await,

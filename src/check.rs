@@ -54,22 +54,26 @@ pub async fn findings(settings: &Settings) -> Result<Vec<Finding>, String> {
     let q = |sql: String| {
         let client = &client;
         async move {
-            client
-                .simple_query(&sql)
-                .await
-                .map_err(|e| format!("query failed ({sql}): {e}"))
-                .map(|msgs| {
-                    msgs.into_iter()
-                        .filter_map(|m| match m {
-                            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                                (0..r.len())
-                                    .map(|i| r.get(i).map(str::to_string))
-                                    .collect::<Vec<_>>(),
-                            ),
-                            _ => None,
-                        })
-                        .collect::<Vec<_>>()
-                })
+            // Every network await is bounded: a stalled server must not hang `check`.
+            tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                client.simple_query(&sql),
+            )
+            .await
+            .map_err(|_| format!("query timed out after 30 s ({sql})"))?
+            .map_err(|e| format!("query failed ({sql}): {e}"))
+            .map(|msgs| {
+                msgs.into_iter()
+                    .filter_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                            (0..r.len())
+                                .map(|i| r.get(i).map(str::to_string))
+                                .collect::<Vec<_>>(),
+                        ),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
         }
     };
     let one = |rows: Vec<Vec<Option<String>>>| {

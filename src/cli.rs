@@ -46,6 +46,7 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
         "max_events_per_message",
         "granularity",
         "window",
+        "standby_retry_secs",
     ];
     OPTIONS
         .iter()

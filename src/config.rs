@@ -143,6 +143,41 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     ),
     ("log_format", Kind::Single, "text|json [default: text]"),
     (
+        "shutdown_grace_secs",
+        Kind::Single,
+        "on SIGTERM/SIGINT, seconds to wait for in-flight confirms [default: 30]",
+    ),
+    (
+        "standby_retry_secs",
+        Kind::Single,
+        "while another instance holds the slot, retry every this many seconds (active/standby) [default: 5]",
+    ),
+    (
+        "replication_timeout_secs",
+        Kind::Single,
+        "seconds of silence from the walsender (after a ping) before reconnecting [default: 60]",
+    ),
+    (
+        "heartbeat_interval_secs",
+        Kind::Single,
+        "seconds between heartbeat messages that let an idle slot advance; 0 = off [default: 60]",
+    ),
+    (
+        "slot_check_interval_secs",
+        Kind::Single,
+        "seconds between checks of the WAL the slot retains; 0 = off [default: 60]",
+    ),
+    (
+        "max_retained_wal_mb",
+        Kind::Single,
+        "warn when the slot retains more WAL than this, MiB [default: 1024]",
+    ),
+    (
+        "on_decode_error",
+        Kind::Single,
+        "fail|raw|dead-letter: a value or message that cannot be decoded [default: fail]",
+    ),
+    (
         "snapshot",
         Kind::Single,
         "initial|never|when_needed|initial_only: when to copy the tables' current rows as `r` events [default: initial, i.e. when the slot is created]",
@@ -442,6 +477,18 @@ pub enum Unroutable {
     Drop,
 }
 
+/// `--on-decode-error`: what happens to a value or pgoutput message that
+/// cannot be decoded. Never a silent null or a skipped event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDecodeError {
+    /// Stop with an error naming table, column and LSN (exit code 5).
+    Fail,
+    /// Publish the event with the column's raw text, named in `source.raw_columns`.
+    Raw,
+    /// Publish the raw payload and the error to `<prefix>.dead_letter` instead.
+    DeadLetter,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueType {
     Classic,
@@ -477,6 +524,16 @@ pub struct Settings {
     pub queue_type: QueueType,
     pub queue_bindings: Vec<String>,
     pub unroutable: Unroutable,
+    pub shutdown_grace: Duration,
+    pub replication_timeout: Duration,
+    /// `None`: no heartbeats.
+    pub heartbeat_interval: Option<Duration>,
+    /// `None`: no retention checks.
+    pub slot_check_interval: Option<Duration>,
+    pub max_retained_wal: u64,
+    pub on_decode_error: OnDecodeError,
+    /// How often a standby retries a slot another instance holds.
+    pub standby_retry: Duration,
     pub snapshot: crate::snapshot::SnapshotMode,
     pub snapshot_workers: usize,
     pub snapshot_chunk_rows: usize,
@@ -537,7 +594,42 @@ impl Settings {
             })?),
         };
         let queue_bindings = raw.list("queue_binding");
+        let secs_or_off = |key: &'static str, default: u64| -> Result<_, ConfigError> {
+            let n = raw.number(key, default, 0u64)?;
+            Ok((n > 0).then(|| Duration::from_secs(n)))
+        };
+        let format = raw.choice(
+            "format",
+            Format::Json,
+            &[("json", Format::Json), ("protobuf", Format::Protobuf)],
+        )?;
+        let on_decode_error = raw.choice(
+            "on_decode_error",
+            OnDecodeError::Fail,
+            &[
+                ("fail", OnDecodeError::Fail),
+                ("raw", OnDecodeError::Raw),
+                ("dead-letter", OnDecodeError::DeadLetter),
+                ("dead_letter", OnDecodeError::DeadLetter),
+            ],
+        )?;
+        if on_decode_error == OnDecodeError::Raw && format != Format::Json {
+            return Err(raw.invalid(
+                "on_decode_error",
+                "raw needs --format json (Protobuf fields are typed); use dead-letter",
+            ));
+        }
         Ok(Settings {
+            shutdown_grace: Duration::from_secs(raw.number("shutdown_grace_secs", 30u64, 0)?),
+            replication_timeout: Duration::from_secs(raw.number(
+                "replication_timeout_secs",
+                60u64,
+                2,
+            )?),
+            heartbeat_interval: secs_or_off("heartbeat_interval_secs", 60)?,
+            slot_check_interval: secs_or_off("slot_check_interval_secs", 60)?,
+            max_retained_wal: raw.number("max_retained_wal_mb", 1024u64, 1)? * 1024 * 1024,
+            on_decode_error,
             slot,
             publication,
             create_slot: raw.flag("create_slot")?,
@@ -551,11 +643,7 @@ impl Settings {
                     ("transaction", Granularity::Transaction),
                 ],
             )?,
-            format: raw.choice(
-                "format",
-                Format::Json,
-                &[("json", Format::Json), ("protobuf", Format::Protobuf)],
-            )?,
+            format,
             queue_bindings: if queue_bindings.is_empty() {
                 vec![format!("{prefix}.#")]
             } else {
@@ -593,6 +681,7 @@ impl Settings {
                 Unroutable::Fail,
                 &[("fail", Unroutable::Fail), ("drop", Unroutable::Drop)],
             )?,
+            standby_retry: Duration::from_secs(raw.number("standby_retry_secs", 5u64, 1)?),
             snapshot: raw.choice(
                 "snapshot",
                 crate::snapshot::SnapshotMode::Initial,
@@ -623,6 +712,9 @@ impl Settings {
         s.spill_dir = self.spill_dir.clone();
         s.status_interval = self.status_interval;
         s.max_events_per_message = self.max_events_per_message;
+        s.shutdown_grace = self.shutdown_grace;
+        s.replication_timeout = self.replication_timeout;
+        s.on_decode_error = self.on_decode_error;
         s.snapshot = self.snapshot;
         s.snapshot_workers = self.snapshot_workers;
         s.snapshot_chunk_rows = self.snapshot_chunk_rows;

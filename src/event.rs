@@ -622,6 +622,135 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// `--on-decode-error=raw`: encodes `ev` like [`encode_json`], except that a
+/// column value which cannot be decoded is passed as its raw text form — a
+/// JSON string, or base64 of the bytes when they are not UTF-8 (or were sent
+/// in binary) — and named in `source.raw_columns`. Returns those column names.
+///
+/// The cold path: called only after [`encode_json`] failed, so the hot path
+/// pays nothing for it. Errors that raw text cannot fix (an unchanged TOASTed
+/// key) are still errors.
+pub fn encode_json_raw(
+    ev: &ChangeEvent,
+    opts: &EncodeOptions,
+    out: &mut Vec<u8>,
+) -> Result<Vec<String>, EncodeError> {
+    let Some(t) = ev.table.as_deref() else {
+        encode_json(ev, opts, out)?;
+        return Ok(Vec::new());
+    };
+    let n = t.relation.columns.len();
+    // Which columns fail, and whether all their text is UTF-8.
+    let mut bad = vec![false; n];
+    let mut as_base64 = vec![false; n];
+    let mut scratch = Vec::new();
+    let tuples = [
+        ev.new.as_ref(),
+        ev.old.as_ref().map(|o| match o {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        }),
+    ];
+    for tuple in tuples.into_iter().flatten() {
+        for (i, v) in tuple.columns.iter().enumerate().take(n) {
+            match v {
+                ColumnValue::Text(text) => {
+                    scratch.clear();
+                    if write_column_json(t, ev.lsn, i, v, &mut scratch).is_err() {
+                        bad[i] = true;
+                        if std::str::from_utf8(text).is_err() {
+                            as_base64[i] = true;
+                        }
+                    }
+                }
+                ColumnValue::Binary(_) => {
+                    bad[i] = true;
+                    as_base64[i] = true;
+                }
+                ColumnValue::Null | ColumnValue::UnchangedToast => {}
+            }
+        }
+    }
+    if !bad.contains(&true) {
+        encode_json(ev, opts, out)?;
+        return Ok(Vec::new());
+    }
+    // The same table with the bad columns retyped: text (a JSON string) or
+    // bytea (base64, fed as `\x` hex), and never flattened as translations.
+    let mut relation = (*t.relation).clone();
+    let mut translated_column = t.translated_column.clone();
+    for i in 0..n {
+        if bad[i] {
+            relation.columns[i].kind = if as_base64[i] {
+                crate::value::TypeKind::Bytea
+            } else {
+                crate::value::TypeKind::Text
+            };
+            if let Some(tc) = translated_column.get_mut(i) {
+                *tc = false;
+            }
+        }
+    }
+    let table = Arc::new(TableInfo {
+        relation: Arc::new(relation),
+        model: t.model.clone(),
+        included: t.included,
+        key_columns: t.key_columns.clone(),
+        skip_column: t.skip_column.clone(),
+        flatten_translations: t.flatten_translations.clone(),
+        translated_column,
+    });
+    let retype = |tuple: &TupleData| TupleData {
+        columns: tuple
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                ColumnValue::Text(b) | ColumnValue::Binary(b)
+                    if i < n && bad[i] && as_base64[i] =>
+                {
+                    let mut hex = Vec::with_capacity(2 + 2 * b.len());
+                    hex.extend_from_slice(b"\\x");
+                    for byte in b.iter() {
+                        hex.extend_from_slice(format!("{byte:02x}").as_bytes());
+                    }
+                    ColumnValue::Text(Bytes::from(hex))
+                }
+                other => other.clone(),
+            })
+            .collect(),
+    };
+    let mut raw_ev = ev.clone();
+    raw_ev.table = Some(table);
+    raw_ev.new = ev.new.as_ref().map(retype);
+    raw_ev.old = ev.old.as_ref().map(|o| match o {
+        OldTuple::Key(t) => OldTuple::Key(retype(t)),
+        OldTuple::Full(t) => OldTuple::Full(retype(t)),
+    });
+    let mut body = Vec::new();
+    encode_json(&raw_ev, opts, &mut body)?;
+    let names: Vec<String> = (0..n)
+        .filter(|i| bad[*i])
+        .map(|i| t.relation.columns[i].name.clone())
+        .collect();
+    // `source` is always the object that follows `"op":"<code>"` at the start.
+    let at = body
+        .windows(10)
+        .position(|w| w == b"\"source\":{")
+        .map(|p| p + 10)
+        .unwrap_or(body.len());
+    out.extend_from_slice(&body[..at]);
+    out.extend_from_slice(b"\"raw_columns\":[");
+    for (k, name) in names.iter().enumerate() {
+        if k > 0 {
+            out.push(b',');
+        }
+        push_str(out, name);
+    }
+    out.extend_from_slice(b"],");
+    out.extend_from_slice(&body[at..]);
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,14 @@
 //! The `odoo-cdc` binary: parse, validate, then hand over to the library.
-//! Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad configuration or usage.
+//!
+//! Exit codes (`odoo_cdc::pipeline::exit_code`, also in the README):
+//! - 0: clean shutdown (SIGTERM/SIGINT, in-flight confirms awaited);
+//! - 1: runtime failure that retrying cannot fix, not covered below;
+//! - 2: bad configuration or usage (the message names the option);
+//! - 3: the slot or publication is missing, was dropped or invalidated;
+//! - 4: authentication failed (PostgreSQL or RabbitMQ credentials, TLS trust);
+//! - 5: a value or pgoutput message could not be decoded (`--on-decode-error=fail`).
+//!
+//! Retryable failures never exit: the supervisor reconnects with backoff.
 
 use std::process::ExitCode;
 

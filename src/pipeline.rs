@@ -18,7 +18,7 @@
 //! reconnects and resumes from the slot's `confirmed_flush_lsn`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,9 +27,10 @@ use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, mpsc};
 
 use crate::checkpoint::{Checkpoint, DeliveryId};
+use crate::config::OnDecodeError;
 use crate::event::{ChangeEvent, EncodeError, EncodeOptions, encode_json, write_pg_timestamp};
 use crate::lsn::Lsn;
-use crate::metrics::Metrics;
+use crate::metrics::{CircuitState, DecodeOutcome, Metrics, ReconnectCause, TableCounterCache};
 use crate::replication::{PgConfig, ReplicationClient, ReplicationError, ReplicationMessage};
 use crate::routing::Routing;
 use crate::sink::{Confirm, ConfirmFuture, HeaderValue, OutgoingMessage, Sink, SinkError};
@@ -75,6 +76,12 @@ pub struct SessionConfig {
     pub routing: Routing,
     /// Unconfirmed messages allowed in flight.
     pub window: usize,
+    /// Bytes of unconfirmed message bodies allowed in flight (at least one
+    /// message always is). The window alone counts messages, and a transaction
+    /// granularity part holds up to `max_events_per_message` events: without
+    /// this, a stalled broker let thousands of parts pile up in the AMQP
+    /// client's write buffer instead of pushing back on the walsender.
+    pub max_in_flight_bytes: usize,
     /// Items buffered between reader and publisher.
     pub channel_capacity: usize,
     /// Memory budget for buffered streamed transactions, bytes.
@@ -92,6 +99,11 @@ pub struct SessionConfig {
     pub snapshot_workers: usize,
     /// Rows per chunk of an on-demand snapshot.
     pub snapshot_chunk_rows: usize,
+    /// Silence from the walsender after which it is pinged (half of this) and
+    /// then given up on (all of it).
+    pub replication_timeout: Duration,
+    /// What to do with a value or message that cannot be decoded.
+    pub on_decode_error: OnDecodeError,
 }
 
 impl SessionConfig {
@@ -111,6 +123,7 @@ impl SessionConfig {
             encode: EncodeOptions { db: db.clone() },
             routing: Routing::new(db, None),
             window: 2048,
+            max_in_flight_bytes: 16 * 1024 * 1024,
             channel_capacity: 4096,
             stream_mem_budget: 64 * 1024 * 1024,
             spill_dir: None,
@@ -120,6 +133,8 @@ impl SessionConfig {
             snapshot: crate::snapshot::SnapshotMode::Initial,
             snapshot_workers: 2,
             snapshot_chunk_rows: 4096,
+            replication_timeout: Duration::from_secs(60),
+            on_decode_error: OnDecodeError::Fail,
         }
     }
 }
@@ -140,6 +155,12 @@ pub enum PipelineError {
     StreamEnded,
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(
+        "the walsender sent nothing for {0:?}, not even an answer to a ping: the connection is dead or stalled"
+    )]
+    WalsenderSilent(Duration),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -152,12 +173,98 @@ impl PipelineError {
             PipelineError::Slot(e) => e.is_retryable(),
             PipelineError::Sink(e) => e.is_retryable(),
             PipelineError::Snapshot(e) => e.is_retryable(),
-            PipelineError::StreamEnded => true,
+            PipelineError::StreamEnded | PipelineError::WalsenderSilent(_) => true,
             // A value that cannot be encoded will fail again on replay.
             PipelineError::Encode(_) | PipelineError::Assemble(_) => false,
-            PipelineError::Internal(_) => false,
+            PipelineError::Internal(_) | PipelineError::Config(_) => false,
         }
     }
+}
+
+/// Process exit codes (also in the README and `main.rs`).
+pub mod exit_code {
+    /// Runtime failure that retrying cannot fix, not covered below.
+    pub const RUNTIME: u8 = 1;
+    /// Bad configuration or usage.
+    pub const CONFIG: u8 = 2;
+    /// The slot or publication is missing, was dropped or invalidated (or the
+    /// slot uses another plugin): changes may have been lost on the server side.
+    pub const SLOT_LOST: u8 = 3;
+    /// Authentication failed (PostgreSQL or RabbitMQ credentials, TLS trust).
+    pub const AUTH: u8 = 4;
+    /// A value or pgoutput message could not be decoded (`--on-decode-error=fail`).
+    pub const BAD_DATA: u8 = 5;
+}
+
+impl PipelineError {
+    /// The exit code for this error when it stops the process (fatal errors).
+    pub fn exit_code(&self) -> u8 {
+        use exit_code::*;
+        match self {
+            PipelineError::Replication(e) | PipelineError::Slot(SlotError::Replication(e)) => {
+                replication_exit_code(e)
+            }
+            PipelineError::Slot(SlotError::InUse { .. } | SlotError::Unexpected { .. }) => RUNTIME,
+            PipelineError::Slot(_) => SLOT_LOST,
+            PipelineError::Sink(SinkError::Connect { reason, .. })
+                if reason.contains("ACCESS_REFUSED") =>
+            {
+                AUTH
+            }
+            PipelineError::Encode(_) | PipelineError::Assemble(_) => BAD_DATA,
+            PipelineError::Config(_) => CONFIG,
+            _ => RUNTIME,
+        }
+    }
+
+    /// The label under which a retried failure is counted.
+    pub fn reconnect_cause(&self) -> ReconnectCause {
+        match self {
+            PipelineError::Slot(SlotError::InUse { .. }) => ReconnectCause::SlotInUse,
+            PipelineError::Replication(e) | PipelineError::Slot(SlotError::Replication(e)) => {
+                if e.sqlstate() == Some("55006") {
+                    ReconnectCause::SlotInUse
+                } else {
+                    ReconnectCause::Postgres
+                }
+            }
+            PipelineError::WalsenderSilent(_) => ReconnectCause::ReplicationTimeout,
+            PipelineError::StreamEnded => ReconnectCause::StreamEnded,
+            PipelineError::Sink(_) => ReconnectCause::Rabbitmq,
+            _ => ReconnectCause::Other,
+        }
+    }
+}
+
+fn replication_exit_code(e: &ReplicationError) -> u8 {
+    use exit_code::*;
+    match e {
+        ReplicationError::Config(_)
+        | ReplicationError::InvalidSlotName { .. }
+        | ReplicationError::InvalidOption { .. }
+        | ReplicationError::TlsConfig(_)
+        | ReplicationError::TlsNotOffered { .. } => CONFIG,
+        ReplicationError::Auth { .. }
+        | ReplicationError::PasswordRequired { .. }
+        | ReplicationError::TlsHandshake { .. } => AUTH,
+        _ => match e.sqlstate() {
+            // invalid_authorization_specification, invalid_password
+            Some(code) if code.starts_with("28") => AUTH,
+            // The slot or publication vanished under a running session:
+            // "replication slot ... does not exist", "publication ... does not
+            // exist", "can no longer get changes from replication slot".
+            Some("42704") | Some("55000") if mentions_slot_or_publication(e) => SLOT_LOST,
+            // Data exception while the walsender prepared a value for us
+            // (e.g. 22021: bytes that are not UTF-8 in a SQL_ASCII database).
+            Some(code) if code.starts_with("22") => BAD_DATA,
+            _ => RUNTIME,
+        },
+    }
+}
+
+fn mentions_slot_or_publication(e: &ReplicationError) -> bool {
+    let text = e.to_string();
+    text.contains("replication slot") || text.contains("publication")
 }
 
 /// What the reader (and the snapshot) sends to the publisher, in WAL order.
@@ -171,10 +278,16 @@ pub(crate) enum Item {
     Commit {
         end_lsn: Lsn,
     },
-    /// A safe position with nothing to publish (idle keepalive, heartbeat).
+    /// A safe position with nothing to publish (heartbeat, unpublished message).
     Mark(Lsn),
     /// Answered once everything sent before is confirmed (end of a snapshot).
     Barrier(tokio::sync::oneshot::Sender<()>),
+    /// The server's WAL end from a keepalive while no transaction is open:
+    /// safe once everything before is confirmed, and then we are caught up.
+    Idle(Lsn),
+    /// A pgoutput message that could not be decoded, for the dead-letter key
+    /// (`--on-decode-error=raw|dead-letter`).
+    DeadLetter(OutgoingMessage),
 }
 
 /// How a session ended without error.
@@ -185,6 +298,13 @@ pub enum Stopped {
 }
 
 /// Runs one replication session until `shutdown` resolves or a failure.
+///
+/// On shutdown: reading stops at once, the publisher stops taking new items
+/// and waits (up to `shutdown_grace`) for the confirms of what it already
+/// handed to the broker, the final standby status reports the LSN those
+/// confirms made safe, and the sink and the replication connection are closed.
+/// What was read but not published is simply not acknowledged: the next start
+/// resumes from the slot's `confirmed_flush_lsn` and sends it again.
 pub async fn run_session<S, F>(
     cfg: &SessionConfig,
     sink: S,
@@ -206,15 +326,27 @@ where
     // The publisher runs from the start: an initial snapshot goes through it too.
     let confirmed = Arc::new(AtomicU64::new(start.0));
     let advanced = Arc::new(Notify::new());
+    let stop_intake = Arc::new(AtomicBool::new(false));
+    let intake_stopped = Arc::new(Notify::new());
     let (tx, rx) = mpsc::channel::<Item>(cfg.channel_capacity);
-    let publisher = {
+    let mut publisher = {
         let cfg = cfg.clone();
         let confirmed = confirmed.clone();
         let advanced = advanced.clone();
         let metrics = metrics.clone();
+        let stop_intake = stop_intake.clone();
+        let intake_stopped = intake_stopped.clone();
         tokio::spawn(async move {
             let mut p = Publisher::new(&cfg, sink, start, confirmed, advanced, metrics);
-            p.run(rx).await
+            let r = p.run(rx, &stop_intake, &intake_stopped).await;
+            // Close the broker connection cleanly (bounded inside) once every
+            // confirm is in; after a failure it is dropped instead.
+            if r.is_ok()
+                && let Err(e) = p.sink.close().await
+            {
+                tracing::debug!(error = %e, "closing the sink");
+            }
+            r
         })
     };
 
@@ -294,8 +426,16 @@ where
         .start_logical_replication(&cfg.slot, start, &opts)
         .await?;
     let (mut reader, mut status) = stream.split();
+    metrics.session_started();
+    metrics.streaming.store(1, Ordering::Relaxed);
+    metrics.set_confirmed_lsn(start);
+    if metrics.set_circuit(CircuitState::Streaming) {
+        tracing::info!(circuit = CircuitState::Streaming.label(), slot = %cfg.slot, "supervisor state");
+    }
+    let _streaming = StreamingFlag(&metrics);
 
     let reply_now = Arc::new(Notify::new());
+    let ping = Arc::new(Notify::new());
     let stop_status = Arc::new(Notify::new());
 
     // Status task: owns the write half.
@@ -303,6 +443,7 @@ where
         let confirmed = confirmed.clone();
         let advanced = advanced.clone();
         let reply_now = reply_now.clone();
+        let ping = ping.clone();
         let stop_status = stop_status.clone();
         let interval = cfg.status_interval;
         let metrics = metrics.clone();
@@ -313,9 +454,11 @@ where
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let mut finishing = false;
+                let mut ask_reply = false;
                 tokio::select! {
                     _ = ticker.tick() => {}
                     _ = reply_now.notified() => {}
+                    _ = ping.notified() => { ask_reply = true; }
                     _ = advanced.notified() => {
                         // Report progress promptly, but at most twice a second.
                         let since = last_time.elapsed();
@@ -326,7 +469,7 @@ where
                     _ = stop_status.notified() => { finishing = true; }
                 }
                 let lsn = Lsn(confirmed.load(Ordering::Acquire));
-                status.send_status(lsn, lsn, lsn, false).await?;
+                status.send_status(lsn, lsn, lsn, ask_reply).await?;
                 metrics.set_confirmed_lsn(lsn);
                 if lsn != last_sent {
                     tracing::debug!(flush = %lsn, "reported flush LSN");
@@ -334,6 +477,7 @@ where
                 last_sent = lsn;
                 last_time = Instant::now();
                 if finishing {
+                    tracing::info!(flush = %lsn, "final standby status sent");
                     let _ = status.finish().await;
                     return Ok::<Lsn, ReplicationError>(last_sent);
                 }
@@ -352,21 +496,78 @@ where
         metrics.clone(),
     );
     let mut snapshot_rows: Vec<ChangeEvent> = Vec::new();
+    let policy = cfg.on_decode_error;
+    let dead_letter_key = dead_letter_key(&cfg.routing);
+    // Half the replication timeout without a message: ping (a status update
+    // asking for a reply); the other half: the connection is dead.
+    let half_timeout = cfg.replication_timeout / 2;
+    let mut shutting_down = false;
     let read_result: Result<(), PipelineError> = async {
+        // Hands an item to the publisher; gives up at once on shutdown (even
+        // while the publisher pushes back) or when the publisher has stopped.
+        macro_rules! send {
+            ($item:expr) => {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => {
+                        shutting_down = true;
+                        return Ok(());
+                    }
+                    r = tx.send($item) => {
+                        if r.is_err() {
+                            // The publisher stopped: its error is the one to report.
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+        }
+        let mut silent_since_ping = false;
+        let mut deadline = tokio::time::Instant::now() + half_timeout;
         loop {
             let msg = tokio::select! {
                 biased;
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => {
+                    shutting_down = true;
+                    return Ok(());
+                }
                 m = reader.next() => m?,
+                // The publisher stopped (its error is the one to report): do
+                // not wait for the next WAL message to find out.
+                _ = tx.closed() => return Ok(()),
+                _ = tokio::time::sleep_until(deadline) => {
+                    if silent_since_ping {
+                        return Err(PipelineError::WalsenderSilent(cfg.replication_timeout));
+                    }
+                    silent_since_ping = true;
+                    ping.notify_one();
+                    deadline = tokio::time::Instant::now() + half_timeout;
+                    continue;
+                }
             };
+            silent_since_ping = false;
+            deadline = tokio::time::Instant::now() + half_timeout;
             match msg {
                 None => return Err(PipelineError::StreamEnded),
                 Some(ReplicationMessage::XLogData {
                     wal_start, data, ..
                 }) => {
                     metrics.add_wal_bytes(data.len());
-                    assembler.push(wal_start, &data)?;
-                    while let Some(out) = assembler.next()? {
+                    if let Err(e) = assembler.push(wal_start, &data) {
+                        let item = undecodable(e, policy, &dead_letter_key, Some(&data), &metrics)?;
+                        send!(item);
+                    }
+                    loop {
+                        let out = match assembler.next() {
+                            Ok(Some(out)) => out,
+                            Ok(None) => break,
+                            Err(e) => {
+                                let item =
+                                    undecodable(e, policy, &dead_letter_key, None, &metrics)?;
+                                send!(item);
+                                continue;
+                            }
+                        };
                         let item = match out {
                             Output::Begin {
                                 xid,
@@ -386,10 +587,9 @@ where
                                     &mut snapshot_rows,
                                 );
                                 if consumed {
-                                    for row in snapshot_rows.drain(..) {
-                                        if tx.send(Item::Event(row)).await.is_err() {
-                                            return Ok(());
-                                        }
+                                    let rows = std::mem::take(&mut snapshot_rows);
+                                    for row in rows {
+                                        send!(Item::Event(row));
                                     }
                                     continue;
                                 }
@@ -398,10 +598,7 @@ where
                             Output::Commit { end_lsn, .. } => Item::Commit { end_lsn },
                             Output::Progress(lsn) => Item::Mark(lsn),
                         };
-                        if tx.send(item).await.is_err() {
-                            // The publisher stopped: its error is the one to report.
-                            return Ok(());
-                        }
+                        send!(item);
                     }
                 }
                 Some(ReplicationMessage::Keepalive {
@@ -411,8 +608,8 @@ where
                 }) => {
                     metrics.set_server_wal_end(wal_end);
                     incremental.poll();
-                    if !assembler.in_transaction() && tx.send(Item::Mark(wal_end)).await.is_err() {
-                        return Ok(());
+                    if !assembler.in_transaction() {
+                        send!(Item::Idle(wal_end));
                     }
                     if reply_requested {
                         reply_now.notify_one();
@@ -422,22 +619,45 @@ where
         }
     }
     .await;
+    if shutting_down || read_result.is_err() {
+        // Stop reading (done) and stop publishing what was read but not yet
+        // handed to the broker; only in-flight confirms are awaited. (After a
+        // failed read the rest would only be published to be replayed.)
+        stop_intake.store(true, Ordering::Release);
+        intake_stopped.notify_one();
+        if shutting_down {
+            tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: waiting for in-flight confirms");
+        }
+    }
     drop(tx);
     drop(incremental);
 
-    // The publisher drains what was read, then waits for confirms (bounded by the grace period).
-    let publish_result = match tokio::time::timeout(cfg.shutdown_grace, publisher).await {
+    // The publisher finishes what it handed to the broker: it waits for the
+    // confirms, on shutdown bounded by the grace period.
+    let grace = if shutting_down {
+        cfg.shutdown_grace
+    } else {
+        // A failed read: the publisher ends as soon as it sees the channel
+        // close and its confirms settle (each bounded by the confirm timeout).
+        cfg.shutdown_grace.max(Duration::from_secs(60))
+    };
+    let publish_result = match tokio::time::timeout(grace, &mut publisher).await {
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(PipelineError::Internal(format!(
             "publisher task failed: {join}"
         ))),
-        Err(_) => Err(PipelineError::Internal(format!(
-            "in-flight confirms not settled within the {:?} grace period",
-            cfg.shutdown_grace
-        ))),
+        Err(_) => {
+            publisher.abort();
+            tracing::warn!(grace = ?grace, "in-flight confirms did not settle within the grace period: they will be sent again on the next start");
+            Ok(())
+        }
     };
     stop_status.notify_one();
-    let status_result = tokio::time::timeout(Duration::from_secs(10), status_task).await;
+    let mut status_task = status_task;
+    let status_result = tokio::time::timeout(Duration::from_secs(10), &mut status_task).await;
+    if status_result.is_err() {
+        status_task.abort();
+    }
     drop(reader);
     read_result?;
     publish_result?;
@@ -491,6 +711,92 @@ async fn initial_snapshot(
     Ok(())
 }
 
+/// Clears the streaming gauge however the session ends.
+struct StreamingFlag<'a>(&'a Metrics);
+
+impl Drop for StreamingFlag<'_> {
+    fn drop(&mut self) {
+        self.0.streaming.store(0, Ordering::Relaxed);
+    }
+}
+
+/// `<prefix>.dead_letter`.
+fn dead_letter_key(routing: &Routing) -> String {
+    format!("{}.dead_letter", routing.prefix)
+}
+
+/// Applies `--on-decode-error` to a pgoutput message the assembler could not
+/// take. `fail` (and every error that is not about decoding one message, such
+/// as a protocol violation) stops the session; `raw` and `dead-letter` send the
+/// message's bytes and the error to the dead-letter key (there is no column to
+/// pass raw) and go on.
+fn undecodable(
+    e: AssembleError,
+    policy: OnDecodeError,
+    key: &str,
+    payload: Option<&Bytes>,
+    metrics: &Metrics,
+) -> Result<Item, PipelineError> {
+    let lsn = match (&e, policy) {
+        (AssembleError::Decode { lsn, .. }, OnDecodeError::Raw | OnDecodeError::DeadLetter) => *lsn,
+        (AssembleError::Decode { .. }, OnDecodeError::Fail) => {
+            metrics.decode_error(DecodeOutcome::Failed);
+            return Err(e.into());
+        }
+        _ => return Err(e.into()),
+    };
+    metrics.decode_error(DecodeOutcome::DeadLetter);
+    tracing::warn!(lsn = %lsn, error = %e, routing_key = key, "undecodable pgoutput message sent to the dead-letter key");
+    let mut body = Vec::with_capacity(256);
+    body.extend_from_slice(b"{\"error\":");
+    json_str(&mut body, &e.to_string());
+    body.extend_from_slice(b",\"lsn\":\"");
+    body.extend_from_slice(lsn.to_string().as_bytes());
+    body.extend_from_slice(b"\",\"payload_base64\":");
+    match payload {
+        Some(p) => {
+            use base64::Engine;
+            body.push(b'"');
+            body.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(p)
+                    .as_bytes(),
+            );
+            body.push(b'"');
+        }
+        None => body.extend_from_slice(b"null"),
+    }
+    body.push(b'}');
+    let mut headers = std::collections::BTreeMap::new();
+    headers.insert("x-lsn".into(), HeaderValue::Str(lsn.to_string()));
+    headers.insert("x-error".into(), HeaderValue::Str(truncate(&e.to_string())));
+    Ok(Item::DeadLetter(OutgoingMessage {
+        routing_key: key.to_string(),
+        body: Bytes::from(body),
+        message_id: format!("{}-dead-letter", lsn.to_fixed_hex()),
+        content_type: Format::Json.content_type(),
+        timestamp: 0,
+        kind: "dead_letter".into(),
+        headers,
+    }))
+}
+
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    let _ = crate::value::write_json_str(s.as_bytes(), out);
+}
+
+/// AMQP short strings in headers are fine long, but keep error headers readable.
+fn truncate(s: &str) -> String {
+    if s.len() <= 1000 {
+        return s.to_string();
+    }
+    let mut end = 1000;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
 /// The publishing stage.
 struct Publisher<S: Sink> {
     sink: S,
@@ -499,11 +805,16 @@ struct Publisher<S: Sink> {
     advanced: Arc<Notify>,
     metrics: Arc<Metrics>,
     window: usize,
+    in_flight_bytes: usize,
+    max_in_flight_bytes: usize,
     granularity: Granularity,
     format: Format,
     encode: EncodeOptions,
     routing: Routing,
     max_events_per_message: usize,
+    on_decode_error: OnDecodeError,
+    dead_letter_key: String,
+    tables: TableCounterCache,
     pending: FuturesUnordered<PendingConfirm>,
     on_flush: Vec<DeliveryId>,
     txn: Option<TxnBatch>,
@@ -513,7 +824,10 @@ struct Publisher<S: Sink> {
 }
 
 type PendingConfirm = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (DeliveryId, Instant, Result<(), SinkError>)> + Send>,
+    Box<
+        dyn std::future::Future<Output = (DeliveryId, Instant, usize, Result<(), SinkError>)>
+            + Send,
+    >,
 >;
 
 /// Transaction granularity: the part being filled.
@@ -545,11 +859,16 @@ impl<S: Sink> Publisher<S> {
             advanced,
             metrics,
             window: cfg.window.max(1),
+            in_flight_bytes: 0,
+            max_in_flight_bytes: cfg.max_in_flight_bytes,
             granularity: cfg.granularity,
             format: cfg.format,
             encode: cfg.encode.clone(),
             routing: cfg.routing.clone(),
             max_events_per_message: cfg.max_events_per_message.max(1),
+            on_decode_error: cfg.on_decode_error,
+            dead_letter_key: dead_letter_key(&cfg.routing),
+            tables: TableCounterCache::default(),
             pending: FuturesUnordered::new(),
             on_flush: Vec::new(),
             txn: None,
@@ -558,25 +877,49 @@ impl<S: Sink> Publisher<S> {
         }
     }
 
-    async fn run(&mut self, mut rx: mpsc::Receiver<Item>) -> Result<(), PipelineError> {
+    /// Publishes items until the channel closes (or `stop_intake` is set on
+    /// shutdown) and every confirm is in.
+    async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<Item>,
+        stop_intake: &AtomicBool,
+        intake_stopped: &Notify,
+    ) -> Result<(), PipelineError> {
         let mut open = true;
+        // The broker connection is watched even when idle, so a broker that
+        // went away ends the session (and readiness) without waiting for the
+        // next event.
+        let mut health = tokio::time::interval(Duration::from_secs(1));
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if open && stop_intake.load(Ordering::Acquire) {
+                open = false;
+                self.finish_published_work(&mut rx).await?;
+            }
             if !open && self.pending.is_empty() {
+                if !stop_intake.load(Ordering::Acquire) {
+                    self.flush_pending_writes().await?;
+                }
                 return Ok(());
             }
-            let mut can_take = open && self.checkpoint.in_flight() < self.window;
+            let mut can_take = open && self.has_room();
             if !can_take && open && self.pending.is_empty() {
                 // The window is full of write-then-flush deliveries: make them
                 // durable to free it (a transaction larger than the window).
                 self.flush_pending_writes().await?;
-                can_take = self.checkpoint.in_flight() < self.window;
+                can_take = self.has_room();
             }
             tokio::select! {
                 biased;
-                Some((id, started, res)) = self.pending.next(), if !self.pending.is_empty() => {
+                Some((id, started, bytes, res)) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.in_flight_bytes -= bytes;
                     res?;
                     self.metrics.observe_confirm(started.elapsed());
                     self.confirm(id)?;
+                    self.metrics.set_in_flight(self.checkpoint.in_flight());
+                }
+                _ = intake_stopped.notified(), if open => {
+                    // Shutdown: take nothing more; the loop head sees the flag.
                 }
                 item = rx.recv(), if can_take => {
                     match item {
@@ -587,8 +930,44 @@ impl<S: Sink> Publisher<S> {
                         }
                     }
                 }
+                _ = health.tick() => {
+                    let usable = self.sink.check().inspect_err(|_| {
+                        self.metrics.sink_up.store(0, Ordering::Relaxed);
+                    })?;
+                    self.metrics.sink_up.store(u64::from(usable), Ordering::Relaxed);
+                }
             }
         }
+    }
+
+    /// Whether another message may be published before confirms come back.
+    fn has_room(&self) -> bool {
+        self.checkpoint.in_flight() < self.window
+            && self.in_flight_bytes < self.max_in_flight_bytes.max(1)
+    }
+
+    /// On shutdown: takes the items already read that publish nothing new
+    /// (the commit of a transaction whose events are out, safe positions), so
+    /// the final flush covers every transaction fully handed to the broker.
+    /// Stops at the first item that would start new work.
+    async fn finish_published_work(
+        &mut self,
+        rx: &mut mpsc::Receiver<Item>,
+    ) -> Result<(), PipelineError> {
+        while let Ok(item) = rx.try_recv() {
+            match item {
+                Item::Commit { end_lsn } if self.granularity == Granularity::Row => {
+                    self.flush_pending_writes().await?;
+                    self.mark(end_lsn);
+                }
+                Item::Mark(lsn) | Item::Idle(lsn) => {
+                    self.flush_pending_writes().await?;
+                    self.mark(lsn);
+                }
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     fn confirm(&mut self, id: DeliveryId) -> Result<(), PipelineError> {
@@ -621,6 +1000,7 @@ impl<S: Sink> Publisher<S> {
                 commit_lsn,
                 commit_ts,
             } => {
+                self.metrics.transaction_read(commit_ts);
                 if self.granularity == Granularity::Transaction {
                     self.txn = Some(TxnBatch {
                         xid,
@@ -634,15 +1014,12 @@ impl<S: Sink> Publisher<S> {
                     });
                 }
             }
-            Item::Event(ev) => {
-                self.metrics.event(&ev);
+            Item::Event(ev) => match self.granularity {
+                Granularity::Row => self.publish_row(&ev).await?,
                 // Snapshot rows belong to no transaction: one message each.
-                match self.granularity {
-                    Granularity::Row => self.publish_row(&ev).await?,
-                    Granularity::Transaction if ev.snapshot => self.publish_row(&ev).await?,
-                    Granularity::Transaction => self.add_to_txn(&ev).await?,
-                }
-            }
+                Granularity::Transaction if ev.snapshot => self.publish_row(&ev).await?,
+                Granularity::Transaction => self.add_to_txn(&ev).await?,
+            },
             Item::Barrier(done) => {
                 self.flush_pending_writes().await?;
                 self.barriers.push(done);
@@ -660,6 +1037,14 @@ impl<S: Sink> Publisher<S> {
                 self.flush_pending_writes().await?;
                 self.mark(lsn);
             }
+            Item::Idle(lsn) => {
+                self.flush_pending_writes().await?;
+                self.mark(lsn);
+                if self.checkpoint.is_idle() {
+                    self.metrics.caught_up();
+                }
+            }
+            Item::DeadLetter(msg) => self.send(msg).await?,
         }
         Ok(())
     }
@@ -697,11 +1082,111 @@ impl<S: Sink> Publisher<S> {
     }
 
     async fn publish_row(&mut self, ev: &ChangeEvent) -> Result<(), PipelineError> {
-        let body = self.encode_event(ev)?;
+        let body = match self.encode_event(ev) {
+            Ok(body) => body,
+            Err(PipelineError::Encode(e)) => return self.publish_row_undecodable(ev, e).await,
+            Err(e) => return Err(e),
+        };
+        self.tables.record(&self.metrics, ev, body.len());
         let msg = self
             .routing
             .row_message(ev, body, self.format.content_type());
         self.send(msg).await
+    }
+
+    /// `--on-decode-error` for an event with a value that cannot be encoded.
+    async fn publish_row_undecodable(
+        &mut self,
+        ev: &ChangeEvent,
+        e: EncodeError,
+    ) -> Result<(), PipelineError> {
+        match self.on_decode_error {
+            OnDecodeError::Fail => {
+                self.metrics.decode_error(DecodeOutcome::Failed);
+                Err(e.into())
+            }
+            OnDecodeError::Raw => {
+                let (body, raw) = self.encode_raw(ev, &e)?;
+                self.tables.record(&self.metrics, ev, body.len());
+                let mut msg = self
+                    .routing
+                    .row_message(ev, body, self.format.content_type());
+                msg.headers
+                    .insert("x-raw-columns".into(), HeaderValue::Str(raw.join(",")));
+                self.send(msg).await
+            }
+            OnDecodeError::DeadLetter => {
+                let msg = self.dead_letter(ev, &e)?;
+                self.send(msg).await
+            }
+        }
+    }
+
+    /// The event with undecodable values passed raw, and their column names.
+    fn encode_raw(
+        &mut self,
+        ev: &ChangeEvent,
+        e: &EncodeError,
+    ) -> Result<(Bytes, Vec<String>), PipelineError> {
+        self.buf.clear();
+        let raw = crate::event::encode_json_raw(ev, &self.encode, &mut self.buf)?;
+        self.metrics.decode_error(DecodeOutcome::Raw);
+        tracing::warn!(error = %e, raw_columns = ?raw, message_id = %ev.message_id(), "published with raw column values (--on-decode-error=raw)");
+        Ok((Bytes::copy_from_slice(&self.buf), raw))
+    }
+
+    /// A dead-letter message for an event that cannot be encoded: the error,
+    /// where it happened, and the event with the bad values passed raw (or
+    /// `null` if even that fails). Same `message_id` as the event would have.
+    fn dead_letter(
+        &mut self,
+        ev: &ChangeEvent,
+        e: &EncodeError,
+    ) -> Result<OutgoingMessage, PipelineError> {
+        self.metrics.decode_error(DecodeOutcome::DeadLetter);
+        tracing::warn!(error = %e, message_id = %ev.message_id(), routing_key = %self.dead_letter_key, "event sent to the dead-letter key (--on-decode-error=dead-letter)");
+        let d = &e.0;
+        let mut body = Vec::with_capacity(512);
+        body.extend_from_slice(b"{\"error\":");
+        json_str(&mut body, &e.to_string());
+        body.extend_from_slice(b",\"table\":");
+        json_str(&mut body, &d.table);
+        body.extend_from_slice(b",\"column\":");
+        json_str(&mut body, &d.column);
+        body.extend_from_slice(b",\"type\":");
+        json_str(&mut body, &d.type_name);
+        body.extend_from_slice(b",\"lsn\":\"");
+        body.extend_from_slice(d.lsn.to_string().as_bytes());
+        body.extend_from_slice(b"\",\"commit_lsn\":\"");
+        body.extend_from_slice(ev.commit_lsn.to_string().as_bytes());
+        body.extend_from_slice(b"\",\"message_id\":");
+        json_str(&mut body, &ev.message_id());
+        body.extend_from_slice(b",\"event\":");
+        let mut raw = Vec::new();
+        match crate::event::encode_json_raw(ev, &self.encode, &mut raw) {
+            Ok(_) => body.extend_from_slice(&raw),
+            Err(_) => body.extend_from_slice(b"null"),
+        }
+        body.push(b'}');
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert("x-error".into(), HeaderValue::Str(truncate(&e.to_string())));
+        headers.insert("x-table".into(), HeaderValue::Str(d.table.clone()));
+        headers.insert("x-column".into(), HeaderValue::Str(d.column.clone()));
+        headers.insert("x-lsn".into(), HeaderValue::Str(d.lsn.to_string()));
+        headers.insert(
+            "x-commit-lsn".into(),
+            HeaderValue::Str(ev.commit_lsn.to_string()),
+        );
+        headers.insert("x-op".into(), HeaderValue::Str(ev.op.code().into()));
+        Ok(OutgoingMessage {
+            routing_key: self.dead_letter_key.clone(),
+            body: Bytes::from(body),
+            message_id: ev.message_id(),
+            content_type: Format::Json.content_type(),
+            timestamp: crate::event::pg_timestamp_unix_secs(ev.commit_ts),
+            kind: "dead_letter".into(),
+            headers,
+        })
     }
 
     async fn send(&mut self, msg: OutgoingMessage) -> Result<(), PipelineError> {
@@ -709,13 +1194,15 @@ impl<S: Sink> Publisher<S> {
         let confirm = self.sink.publish(msg).await?;
         self.metrics.published(bytes);
         let id = self.checkpoint.register();
+        self.metrics.set_in_flight(self.checkpoint.in_flight());
         match confirm {
             Confirm::OnFlush => self.on_flush.push(id),
             Confirm::Pending(fut) => {
                 let started = Instant::now();
                 let fut: ConfirmFuture = fut;
+                self.in_flight_bytes += bytes;
                 self.pending
-                    .push(Box::pin(async move { (id, started, fut.await) }));
+                    .push(Box::pin(async move { (id, started, bytes, fut.await) }));
             }
         }
         Ok(())
@@ -729,7 +1216,24 @@ impl<S: Sink> Publisher<S> {
         if full {
             self.flush_txn_part(false).await?;
         }
-        let encoded = self.encode_event(ev)?;
+        let encoded = match self.encode_event(ev) {
+            Ok(body) => body,
+            Err(PipelineError::Encode(e)) => match self.on_decode_error {
+                OnDecodeError::Fail => {
+                    self.metrics.decode_error(DecodeOutcome::Failed);
+                    return Err(e.into());
+                }
+                OnDecodeError::Raw => self.encode_raw(ev, &e)?.0,
+                OnDecodeError::DeadLetter => {
+                    // The transaction goes on without it; the dead letter
+                    // carries the same message_id the event would have had.
+                    let msg = self.dead_letter(ev, &e)?;
+                    return self.send(msg).await;
+                }
+            },
+            Err(e) => return Err(e),
+        };
+        self.tables.record(&self.metrics, ev, encoded.len());
         let Some(t) = self.txn.as_mut() else {
             return Err(PipelineError::Internal(
                 "event outside a transaction in transaction granularity".into(),
@@ -822,5 +1326,331 @@ impl<S: Sink> Publisher<S> {
         t.first_seq = None;
         t.body.clear();
         self.send(msg).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TableInfo;
+    use crate::pgoutput::{ColumnValue, TupleData};
+    use crate::replication::ServerError;
+    use crate::schema::{Column, Relation, ReplicaIdentity};
+    use crate::transaction::PlainTables;
+    use std::sync::Mutex;
+
+    /// Records what the publisher hands over; durable on flush (like stdout).
+    #[derive(Clone, Default)]
+    struct RecordingSink(Arc<Mutex<Vec<OutgoingMessage>>>);
+
+    impl Sink for RecordingSink {
+        async fn publish(&mut self, msg: OutgoingMessage) -> Result<Confirm, SinkError> {
+            self.0.lock().unwrap().push(msg);
+            Ok(Confirm::OnFlush)
+        }
+        async fn flush(&mut self) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    /// `public.line(id int4 key, qty int4)` with `qty` = "abc": not an integer.
+    fn bad_event(seq: u32) -> ChangeEvent {
+        let rel = Arc::new(Relation::new(
+            16400,
+            "public",
+            "line",
+            ReplicaIdentity::Default,
+            vec![
+                Column::new("id", 23, -1, true),
+                Column::new("qty", 23, -1, false),
+            ],
+        ));
+        ChangeEvent {
+            op: crate::event::Op::Insert,
+            table: Some(Arc::new(TableInfo::plain(rel))),
+            lsn: Lsn(0x1000 + u64::from(seq)),
+            commit_lsn: Lsn(0x2000),
+            xid: 7,
+            commit_ts: 0,
+            seq,
+            snapshot: false,
+            old: None,
+            new: Some(TupleData {
+                columns: vec![
+                    ColumnValue::Text(Bytes::from_static(b"1")),
+                    ColumnValue::Text(Bytes::from_static(b"abc")),
+                ],
+            }),
+            truncate_options: 0,
+            message: None,
+        }
+    }
+
+    /// One transaction with the bad event through a publisher; returns the
+    /// outcome, the messages handed to the sink and the LSN made safe.
+    async fn publish_bad(
+        policy: OnDecodeError,
+        granularity: Granularity,
+    ) -> (Result<(), PipelineError>, Vec<OutgoingMessage>, Lsn) {
+        let mut cfg = SessionConfig::new("postgres://u@localhost/odoo".parse().unwrap(), "s", "p");
+        cfg.on_decode_error = policy;
+        cfg.granularity = granularity;
+        let sink = RecordingSink::default();
+        let confirmed = Arc::new(AtomicU64::new(0x100));
+        let metrics = Arc::new(Metrics::new());
+        let mut p = Publisher::new(
+            &cfg,
+            sink.clone(),
+            Lsn(0x100),
+            confirmed.clone(),
+            Arc::new(Notify::new()),
+            metrics,
+        );
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(Item::Begin {
+            xid: 7,
+            commit_lsn: Lsn(0x2000),
+            commit_ts: 0,
+        })
+        .await
+        .ok();
+        tx.send(Item::Event(bad_event(0))).await.ok();
+        tx.send(Item::Commit {
+            end_lsn: Lsn(0x2010),
+        })
+        .await
+        .ok();
+        drop(tx);
+        let r = p.run(rx, &AtomicBool::new(false), &Notify::new()).await;
+        let sent = sink.0.lock().unwrap().clone();
+        (r, sent, Lsn(confirmed.load(Ordering::Acquire)))
+    }
+
+    #[tokio::test]
+    async fn decode_error_fail_names_table_column_and_lsn_and_holds_the_slot() {
+        let (r, sent, safe) = publish_bad(OnDecodeError::Fail, Granularity::Row).await;
+        let e = r.unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("public.line") && text.contains("\"qty\"") && text.contains("0/1000"),
+            "{text}"
+        );
+        assert!(!e.is_retryable());
+        assert_eq!(e.exit_code(), exit_code::BAD_DATA);
+        assert!(sent.is_empty());
+        assert_eq!(
+            safe,
+            Lsn(0x100),
+            "nothing after the bad event is acknowledged"
+        );
+    }
+
+    #[tokio::test]
+    async fn decode_error_raw_passes_the_text_and_flags_the_column() {
+        for granularity in [Granularity::Row, Granularity::Transaction] {
+            let (r, sent, safe) = publish_bad(OnDecodeError::Raw, granularity).await;
+            r.unwrap();
+            assert_eq!(sent.len(), 1);
+            let body: serde_json::Value = serde_json::from_slice(&sent[0].body).unwrap();
+            let ev = match granularity {
+                Granularity::Row => {
+                    assert_eq!(
+                        sent[0].headers.get("x-raw-columns"),
+                        Some(&HeaderValue::Str("qty".into()))
+                    );
+                    body
+                }
+                Granularity::Transaction => body["events"][0].clone(),
+            };
+            assert_eq!(ev["source"]["raw_columns"], serde_json::json!(["qty"]));
+            assert_eq!(ev["after"], serde_json::json!({"id": 1, "qty": "abc"}));
+            assert_eq!(safe, Lsn(0x2010));
+        }
+    }
+
+    #[tokio::test]
+    async fn decode_error_dead_letter_routes_the_raw_event_and_error_aside() {
+        for granularity in [Granularity::Row, Granularity::Transaction] {
+            let (r, sent, safe) = publish_bad(OnDecodeError::DeadLetter, granularity).await;
+            r.unwrap();
+            assert_eq!(
+                sent.len(),
+                1,
+                "only the dead letter (the transaction has nothing else)"
+            );
+            let m = &sent[0];
+            assert_eq!(m.routing_key, "odoo.dead_letter");
+            assert_eq!(m.message_id, "0000000000002000-00000000");
+            let body: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+            assert_eq!(body["table"], "public.line");
+            assert_eq!(body["column"], "qty");
+            assert_eq!(body["lsn"], "0/1000");
+            assert!(
+                body["error"].as_str().unwrap().contains("integer"),
+                "{body}"
+            );
+            assert_eq!(body["event"]["after"]["qty"], "abc");
+            assert_eq!(safe, Lsn(0x2010));
+        }
+    }
+
+    #[test]
+    fn raw_bytes_that_are_not_utf8_travel_as_base64() {
+        let mut ev = bad_event(0);
+        let rel = Arc::new(Relation::new(
+            16401,
+            "public",
+            "t",
+            ReplicaIdentity::Default,
+            vec![
+                Column::new("id", 23, -1, true),
+                Column::new("note", 25, -1, false),
+            ],
+        ));
+        ev.table = Some(Arc::new(TableInfo::plain(rel)));
+        ev.new = Some(TupleData {
+            columns: vec![
+                ColumnValue::Text(Bytes::from_static(b"2")),
+                ColumnValue::Text(Bytes::from_static(b"caf\xe9")),
+            ],
+        });
+        let opts = EncodeOptions { db: "odoo".into() };
+        assert!(encode_json(&ev, &opts, &mut Vec::new()).is_err());
+        let mut out = Vec::new();
+        let raw = crate::event::encode_json_raw(&ev, &opts, &mut out).unwrap();
+        assert_eq!(raw, ["note"]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["after"], serde_json::json!({"id": 2, "note": "Y2Fm6Q=="}));
+        assert_eq!(v["source"]["raw_columns"], serde_json::json!(["note"]));
+        assert_eq!(v["source"]["table"], "t");
+    }
+
+    #[test]
+    fn an_unknown_pgoutput_message_fails_or_goes_to_the_dead_letter_key() {
+        let metrics = Metrics::new();
+        let data = Bytes::from_static(b"\x01future message");
+        let mut a = Assembler::new(Box::new(PlainTables), 1 << 20, None);
+        let e = a.push(Lsn(0x3000), &data).unwrap_err();
+        let fail = undecodable(
+            e,
+            OnDecodeError::Fail,
+            "odoo.dead_letter",
+            Some(&data),
+            &metrics,
+        )
+        .err()
+        .unwrap();
+        assert!(fail.to_string().contains("0/3000"), "{fail}");
+        assert_eq!(fail.exit_code(), exit_code::BAD_DATA);
+
+        for policy in [OnDecodeError::Raw, OnDecodeError::DeadLetter] {
+            let e = a.push(Lsn(0x3000), &data).unwrap_err();
+            let Ok(Item::DeadLetter(m)) =
+                undecodable(e, policy, "odoo.dead_letter", Some(&data), &metrics)
+            else {
+                panic!("expected a dead letter");
+            };
+            assert_eq!(m.routing_key, "odoo.dead_letter");
+            assert_eq!(m.message_id, "0000000000003000-dead-letter");
+            let body: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+            assert_eq!(body["lsn"], "0/3000");
+            assert_eq!(body["payload_base64"], "AWZ1dHVyZSBtZXNzYWdl");
+            assert!(body["error"].as_str().unwrap().contains("0/3000"));
+        }
+        // A protocol violation is never dead-lettered: the stream is out of step.
+        let commit = Bytes::from_static(&[
+            b'C', 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        if let Err(e) = a.push(Lsn(0x4000), &commit) {
+            assert!(undecodable(e, OnDecodeError::DeadLetter, "k", None, &metrics).is_err());
+        }
+    }
+
+    fn server(code: &str, message: &str) -> PipelineError {
+        PipelineError::Replication(ReplicationError::Server(ServerError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }))
+    }
+
+    #[test]
+    fn fatal_errors_map_to_their_exit_codes() {
+        use exit_code::*;
+        let slot = |e: SlotError| PipelineError::Slot(e);
+        assert_eq!(
+            slot(SlotError::Missing {
+                slot: "s".into(),
+                db: "d".into()
+            })
+            .exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            slot(SlotError::PublicationMissing {
+                publication: "p".into(),
+                db: "d".into()
+            })
+            .exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            slot(SlotError::Invalidated { slot: "s".into() }).exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            server("42704", "replication slot \"s\" does not exist").exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            server(
+                "55000",
+                "can no longer get changes from replication slot \"s\""
+            )
+            .exit_code(),
+            SLOT_LOST
+        );
+        assert_eq!(
+            server("28P01", "password authentication failed").exit_code(),
+            AUTH
+        );
+        assert_eq!(
+            PipelineError::Replication(ReplicationError::Auth {
+                user: "u".into(),
+                reason: "bad".into()
+            })
+            .exit_code(),
+            AUTH
+        );
+        assert_eq!(
+            PipelineError::Sink(SinkError::Connect {
+                url: "amqp://u:***@h".into(),
+                reason: "ACCESS_REFUSED - Login was refused".into()
+            })
+            .exit_code(),
+            AUTH
+        );
+        assert_eq!(
+            server("22021", "invalid byte sequence").exit_code(),
+            BAD_DATA
+        );
+        assert_eq!(PipelineError::Config("x".into()).exit_code(), CONFIG);
+        assert_eq!(server("42501", "permission denied").exit_code(), RUNTIME);
+        // Retryable ones are counted by cause.
+        assert_eq!(
+            slot(SlotError::InUse {
+                slot: "s".into(),
+                pid: "1".into()
+            })
+            .reconnect_cause(),
+            ReconnectCause::SlotInUse
+        );
+        assert_eq!(
+            PipelineError::WalsenderSilent(Duration::from_secs(1)).reconnect_cause(),
+            ReconnectCause::ReplicationTimeout
+        );
+        assert!(PipelineError::WalsenderSilent(Duration::from_secs(1)).is_retryable());
     }
 }

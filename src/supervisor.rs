@@ -1,23 +1,44 @@
-//! `odoo-cdc run`: keeps a replication session to RabbitMQ alive.
+//! Keeps replication sessions alive: the one place that decides, for `run` and
+//! `tail` alike, whether a failure is retried or stops the process.
 //!
-//! Every retryable failure (Postgres or broker connection lost, confirm timeout,
-//! nack, returned message, slot held by another instance) ends the session; the
-//! supervisor then waits with exponential backoff and jitter and starts a new
-//! one, which resumes from the slot's `confirmed_flush_lsn`. Nothing is carried
-//! over between sessions, so nothing unconfirmed can be skipped. Fatal
-//! conditions (bad credentials, missing or invalidated slot, a value that cannot
-//! be encoded) stop the process with exit code 1 and a message saying what to do.
+//! Every retryable failure (Postgres or broker connection lost, walsender
+//! silent, confirm timeout, nack, returned message, slot held by another
+//! instance) ends the session; the supervisor waits with exponential backoff
+//! and full jitter and starts a new one, which resumes from the slot's
+//! `confirmed_flush_lsn`. Nothing is carried over between sessions, so nothing
+//! unconfirmed can be skipped. A session that streamed for a while before
+//! failing resets the backoff: a broker restart once a day should not wait as
+//! long as the tenth failure in a row.
+//!
+//! The state is a circuit breaker visible in logs and in
+//! `odoo_cdc_circuit_state`: `connecting` (half-open: trying a session),
+//! `streaming` (closed), `backing_off` (open), `failed` (fatal, the process
+//! exits with [`PipelineError::exit_code`]), `stopped` (shutdown).
+//!
+//! Fatal conditions (bad credentials, missing/dropped/invalidated slot, missing
+//! publication, configuration, a value that cannot be encoded under
+//! `--on-decode-error=fail`) are decided by [`PipelineError::is_retryable`].
+//! After the first session, the slot and publication are never created again:
+//! a slot that disappears while we run means changes were lost, and silently
+//! re-creating it would hide that.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::{QueueType as CfgQueueType, Settings, Unroutable};
-use crate::metrics::Metrics;
+use crate::metrics::{CircuitState, Metrics};
 use crate::pipeline::{PipelineError, Stopped, run_session};
+use crate::retention::RetentionConfig;
 use crate::sink::rabbitmq::{QueueSpec, QueueType, RabbitConfig, RabbitSink, UnroutablePolicy};
+use crate::sink::stdout::StdoutSink;
+use crate::sink::{Sink, SinkError};
 use crate::transaction::PlainTables;
+
+/// A session that streamed at least this long counts as healthy: its failure
+/// starts the backoff from the beginning again.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
 /// Exponential backoff with full jitter, capped.
 #[derive(Debug, Clone)]
@@ -49,6 +70,11 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+
+    /// Failures in a row so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
 }
 
 /// The broker settings of a run; `None` without `--amqp`.
@@ -77,48 +103,121 @@ pub fn rabbit_config(settings: &Settings) -> Option<Result<RabbitConfig, String>
     Some(Ok(cfg))
 }
 
-/// Runs sessions until shutdown (exit 0) or a fatal error (exit 1).
+/// `odoo-cdc run`: sessions to RabbitMQ until shutdown (exit 0) or a fatal
+/// error (its exit code).
 pub async fn run<F>(settings: Settings, shutdown: F) -> ExitCode
 where
     F: std::future::Future<Output = ()>,
 {
+    let rabbit = match rabbit_config(&settings) {
+        None => {
+            tracing::error!("run needs --amqp");
+            return ExitCode::from(2);
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "invalid --amqp");
+            return ExitCode::from(2);
+        }
+        Some(Ok(r)) => r,
+    };
     let metrics = Arc::new(Metrics::new());
-    match supervise(&settings, metrics, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let connect = move || RabbitSink::connect(rabbit.clone());
+    with_endpoint(&settings, metrics.clone(), async {
+        supervise(&settings, metrics, connect, shutdown).await
+    })
+    .await
+}
+
+/// `odoo-cdc tail`: the same supervision with the stdout sink.
+pub async fn tail<F>(settings: Settings, shutdown: F) -> ExitCode
+where
+    F: std::future::Future<Output = ()>,
+{
+    let metrics = Arc::new(Metrics::new());
+    let connect = || async { Ok::<_, SinkError>(StdoutSink::stdout()) };
+    with_endpoint(&settings, metrics.clone(), async {
+        supervise(&settings, metrics, connect, shutdown).await
+    })
+    .await
+}
+
+/// Serves `--metrics-addr` (if set) while `work` runs, and maps its outcome to
+/// an exit code.
+async fn with_endpoint(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+    work: impl std::future::Future<Output = Result<Stopped, PipelineError>>,
+) -> ExitCode {
+    let server = match settings.metrics_addr {
+        None => None,
+        Some(addr) => match crate::metrics_server::bind(addr, metrics.clone()).await {
+            Ok((_, serve)) => Some(tokio::spawn(serve)),
+            Err(e) => {
+                tracing::error!(addr = %addr, error = %e, "cannot serve --metrics-addr");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let result = work.await;
+    if let Some(s) = server {
+        s.abort();
+    }
+    match result {
+        Ok(Stopped::Shutdown { confirmed }) => {
+            tracing::info!(confirmed = %confirmed, "stopped cleanly");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            tracing::error!(error = %e, "stopping: not retryable");
-            ExitCode::from(1)
+            let code = e.exit_code();
+            tracing::error!(
+                error = %e,
+                exit_code = code,
+                confirmed = %metrics.confirmed_lsn(),
+                "stopping: this needs an operator, retrying cannot fix it (the slot stays at the confirmed LSN)"
+            );
+            ExitCode::from(code)
         }
     }
 }
 
-/// The supervision loop, usable in-process by tests.
-pub async fn supervise<F>(
+/// The supervision loop, usable in-process by tests: sessions with sinks from
+/// `connect_sink`, until `shutdown` resolves (Ok) or a fatal error (Err).
+pub async fn supervise<S, C, CF, F>(
     settings: &Settings,
     metrics: Arc<Metrics>,
+    mut connect_sink: C,
     shutdown: F,
-) -> Result<(), PipelineError>
+) -> Result<Stopped, PipelineError>
 where
+    S: Sink + 'static,
+    C: FnMut() -> CF,
+    CF: std::future::Future<Output = Result<S, SinkError>>,
     F: std::future::Future<Output = ()>,
 {
-    let rabbit = match rabbit_config(settings) {
-        None => return Err(PipelineError::Internal("run needs --amqp".into())),
-        Some(Err(e)) => return Err(PipelineError::Internal(format!("invalid --amqp: {e}"))),
-        Some(Ok(r)) => r,
-    };
-    let session = settings.session();
+    let mut session = settings.session();
+    let standby_retry = settings.standby_retry;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let guard = tokio::spawn(crate::retention::run(
+        RetentionConfig {
+            source: settings.source.clone(),
+            slot: settings.slot.clone(),
+            check_interval: settings.slot_check_interval,
+            heartbeat_interval: settings.heartbeat_interval,
+            max_retained: settings.max_retained_wal,
+        },
+        metrics.clone(),
+    ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop_rx_outer = stop_rx.clone();
     tokio::pin!(shutdown);
     let sessions = async {
         loop {
+            set_state(&metrics, CircuitState::Connecting, backoff.attempts());
+            let started = Instant::now();
+            let sessions_before = metrics.sessions();
             let mut stop = stop_rx.clone();
             let result = async {
-                let sink = RabbitSink::connect(rabbit.clone()).await?;
+                let sink = connect_sink().await?;
                 metrics.sink_up.store(1, Ordering::Relaxed);
-                metrics.streaming.store(1, Ordering::Relaxed);
-                metrics.circuit_open.store(0, Ordering::Relaxed);
                 let r = run_session(
                     &session,
                     sink,
@@ -129,53 +228,80 @@ where
                     },
                 )
                 .await;
-                metrics.streaming.store(0, Ordering::Relaxed);
                 metrics.sink_up.store(0, Ordering::Relaxed);
                 r
             }
             .await;
+            if metrics.sessions() > sessions_before && !session.temporary_slot {
+                // The slot and publication exist now; if they vanish later,
+                // that is a loss to report, not something to paper over.
+                session.create_slot = false;
+                session.create_publication = false;
+            }
+            let stopping = *stop_rx.borrow();
             match result {
-                Ok(Stopped::Shutdown { confirmed }) => {
-                    tracing::info!(confirmed = %confirmed, "stopped cleanly");
-                    return Ok(());
+                Ok(stopped) => return Ok(stopped),
+                Err(e) if stopping => {
+                    tracing::warn!(error = %e, "the session ended with an error during shutdown");
+                    return Ok(Stopped::Shutdown {
+                        confirmed: metrics.confirmed_lsn(),
+                    });
                 }
-                Err(e) if e.is_retryable() && !*stop_rx.borrow() => {
-                    let delay = backoff.next_delay();
-                    metrics.reconnect(cause_of(&e));
-                    metrics.circuit_open.store(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "session failed; resuming from the slot's confirmed LSN");
+                Err(e) if e.is_retryable() => {
+                    if started.elapsed() >= HEALTHY_SESSION {
+                        backoff.reset();
+                    }
+                    let delay = crate::standby::retry_delay(&e, &mut backoff, standby_retry);
+                    let cause = e.reconnect_cause();
+                    metrics.reconnect(cause);
+                    set_state(&metrics, CircuitState::BackingOff, backoff.attempts());
+                    tracing::warn!(
+                        error = %e,
+                        cause = cause.label(),
+                        failures_in_a_row = backoff.attempts(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "session failed; resuming from the slot's confirmed LSN"
+                    );
                     let mut stop = stop_rx.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                        _ = stop.wait_for(|s| *s) => {
+                            return Ok(Stopped::Shutdown { confirmed: metrics.confirmed_lsn() });
+                        }
                     }
-                }
-                Err(e) if *stop_rx.borrow() => {
-                    tracing::warn!(error = %e, "session ended with an error during shutdown");
-                    return Ok(());
                 }
                 Err(e) => return Err(e),
             }
         }
     };
     tokio::pin!(sessions);
-    tokio::select! {
+    let result = tokio::select! {
         r = &mut sessions => r,
         _ = &mut shutdown => {
             let _ = stop_tx.send(true);
-            drop(stop_rx_outer);
             sessions.await
         }
-    }
+    };
+    guard.abort();
+    set_state(
+        &metrics,
+        if result.is_ok() {
+            CircuitState::Stopped
+        } else {
+            CircuitState::Failed
+        },
+        0,
+    );
+    result
 }
 
-fn cause_of(e: &PipelineError) -> &'static str {
-    match e {
-        PipelineError::Replication(_) => "postgres",
-        PipelineError::Slot(_) => "slot",
-        PipelineError::Sink(_) => "broker",
-        PipelineError::StreamEnded => "stream_ended",
-        _ => "other",
+fn set_state(metrics: &Metrics, state: CircuitState, failures: u32) {
+    if metrics.set_circuit(state) && state != CircuitState::Streaming {
+        tracing::info!(
+            circuit = state.label(),
+            failures_in_a_row = failures,
+            "supervisor state"
+        );
     }
 }
 

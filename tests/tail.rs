@@ -299,13 +299,13 @@ async fn scram_login_for_a_replication_role_that_is_not_superuser() {
     assert_eq!(count_ops(&tail.events(), "c"), 2);
     drop(tail);
 
-    // A wrong password is a configuration problem: exit 1 with a message, no retry loop.
+    // A wrong password needs an operator: exit 4 (authentication) with a message, no retry loop.
     let bad = format!("postgres://odoo_cdc_scram:wrong@{host}/{}", db.name);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_odoo-cdc"))
         .args(["tail", "--source", &bad, "--slot", "never_created"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("password") || err.contains("authentication"),

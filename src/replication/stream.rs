@@ -262,6 +262,11 @@ impl ReplicationReader {
                     return parse_copy_data(frame.freeze()).map(Some);
                 }
                 b'c' => return Ok(None),
+                // A walsender that shuts down with the server (pg_ctl stop/restart)
+                // once caught up ends with CommandComplete ("COPY 0") and no
+                // CopyDone (WalSndDone in walsender.c): the stream ended, which is
+                // retryable, not a protocol violation.
+                b'C' => return Ok(None),
                 b'E' => {
                     return Err(ReplicationError::Server(parse_error_fields(
                         &frame[HEADER_LEN..],
@@ -436,6 +441,18 @@ mod tests {
             Duration::from_secs(1),
         );
         (stream.split().0, server)
+    }
+
+    #[tokio::test]
+    async fn a_walsender_shutting_down_ends_the_stream_with_command_complete() {
+        let mut wire = frame(b'd', &xlog(1, 2, 3, b"B"));
+        wire.extend(frame(b'C', b"COPY 0\0"));
+        let (mut reader, _server) = reader_over(wire).await;
+        assert!(matches!(
+            reader.next().await,
+            Ok(Some(ReplicationMessage::XLogData { .. }))
+        ));
+        assert!(matches!(reader.next().await, Ok(None)));
     }
 
     #[tokio::test]

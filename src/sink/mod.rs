@@ -61,6 +61,22 @@ pub trait Sink: Send {
 
     /// Makes every [`Confirm::OnFlush`] message durable.
     fn flush(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Whether the transport is usable now, checked about once a second even
+    /// when idle: `Err` once the connection is gone (the session ends and
+    /// reconnects), `Ok(false)` while it is up but holds messages back (a
+    /// broker resource alarm: not ready, but nothing to reconnect for).
+    fn check(&self) -> Result<bool, SinkError> {
+        Ok(true)
+    }
+
+    /// Closes the transport after a clean end (every confirm in). Bounded.
+    fn close(self) -> impl Future<Output = Result<(), SinkError>> + Send
+    where
+        Self: Sized,
+    {
+        async { Ok(()) }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

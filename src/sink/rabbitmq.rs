@@ -286,6 +286,21 @@ impl Sink for RabbitSink {
     async fn flush(&mut self) -> Result<(), SinkError> {
         Ok(())
     }
+
+    fn check(&self) -> Result<bool, SinkError> {
+        if !self.connection.status().connected() || !self.channel.status().connected() {
+            let cause = self.last_error.lock().ok().and_then(|e| e.clone());
+            return Err(SinkError::Closed(match cause {
+                Some(cause) => format!("connection lost: {cause}"),
+                None => "connection lost".into(),
+            }));
+        }
+        Ok(!self.is_blocked())
+    }
+
+    async fn close(self) -> Result<(), SinkError> {
+        RabbitSink::close(self).await
+    }
 }
 
 /// Runs connect-phase steps with a timeout and turns their failures into

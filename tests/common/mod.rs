@@ -3,6 +3,7 @@
 //! slot, so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod cluster;
 pub mod proxy;
 

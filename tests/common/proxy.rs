@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +24,7 @@ pub enum Mode {
 pub struct TcpProxy {
     pub addr: SocketAddr,
     mode: Arc<watch::Sender<(Mode, u64)>>,
+    accepted: Arc<AtomicU64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -35,6 +37,8 @@ impl TcpProxy {
         let mode_tx = Arc::new(mode_tx);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -48,6 +52,7 @@ impl TcpProxy {
                         let Ok((client, _)) = listener.accept().await else {
                             continue;
                         };
+                        counter.fetch_add(1, Ordering::Relaxed);
                         if mode_rx.borrow().0 == Mode::Cut {
                             drop(client);
                             continue;
@@ -67,6 +72,7 @@ impl TcpProxy {
         TcpProxy {
             addr,
             mode: mode_tx,
+            accepted,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -96,6 +102,12 @@ impl TcpProxy {
 
     pub fn restore(&self) {
         self.set(Mode::Open);
+    }
+
+    /// Connections accepted so far (refused ones while cut included): a client
+    /// that gives up on a stalled connection shows up as a new one.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
     }
 }
 
