@@ -54,6 +54,21 @@ pub async fn main(invocation: Invocation) -> ExitCode {
         Invocation::Run(settings) => crate::supervisor::run(settings, shutdown_signal()).await,
         Invocation::Check(settings) => crate::check::run(&settings).await,
         Invocation::Slot(action, settings) => slot_command(action, &settings).await,
+        Invocation::Snapshot(tables, settings) => {
+            match crate::snapshot::incremental::send_signal(&settings.source, &tables).await {
+                Ok(lsn) => {
+                    println!(
+                        "asked for a snapshot of {} (signal at LSN {lsn}); the connector holding the slot starts it when it reads the signal",
+                        tables.join(", ")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("odoo-cdc: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 

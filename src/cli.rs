@@ -19,6 +19,8 @@ pub enum Invocation {
     Run(Settings),
     Check(Settings),
     Slot(SlotAction, Settings),
+    /// `odoo-cdc snapshot TABLE...`: ask the running connector to re-snapshot tables.
+    Snapshot(Vec<String>, Settings),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,7 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
                 *k,
                 "source" | "slot" | "publication" | "log_format" | "temporary"
             ),
+            "snapshot" => matches!(*k, "source" | "log_format"),
             _ => false,
         })
         .collect()
@@ -124,6 +127,17 @@ pub fn command() -> Command {
                         .value_parser(["create", "drop", "status"]),
                 ),
             "slot",
+        ))
+        .subcommand(with_options(
+            Command::new("snapshot")
+                .about("Ask the running connector to re-snapshot tables while it keeps streaming (writes an odoo-cdc.signal message into the WAL)")
+                .arg(
+                    Arg::new("table")
+                        .required(true)
+                        .num_args(1..)
+                        .value_name("SCHEMA.TABLE"),
+                ),
+            "snapshot",
         ))
 }
 
@@ -191,6 +205,22 @@ where
                 _ => SlotAction::Status,
             };
             Invocation::Slot(action, settings)
+        }
+        "snapshot" => {
+            let tables: Vec<String> = sub
+                .get_many::<String>("table")
+                .map(|v| v.cloned().collect())
+                .unwrap_or_default();
+            if let Some(bad) = tables
+                .iter()
+                .find(|t| crate::snapshot::catalog::parse_table_name(t).is_none())
+            {
+                return Err(command().error(
+                    clap::error::ErrorKind::InvalidValue,
+                    format!("{bad:?} is not a table name (schema.table)"),
+                ));
+            }
+            Invocation::Snapshot(tables, settings)
         }
         other => {
             return Err(command().error(

@@ -212,6 +212,21 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
         Kind::Single,
         "Odoo profile: flatten translated fields to this language (e.g. fr_FR, falling back to en_US) [default: keep the JSON object]",
     ),
+    (
+        "snapshot",
+        Kind::Single,
+        "initial|never|when_needed|initial_only: when to copy the tables' current rows as `r` events [default: initial, i.e. when the slot is created]",
+    ),
+    (
+        "snapshot_workers",
+        Kind::Single,
+        "parallel connections reading tables in the initial snapshot [default: 2]",
+    ),
+    (
+        "snapshot_chunk_rows",
+        Kind::Single,
+        "rows per chunk of an on-demand snapshot [default: 4096]",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -555,6 +570,9 @@ pub struct Settings {
     /// How often a standby retries a slot another instance holds.
     pub standby_retry: Duration,
     pub selection: crate::filter::SelectionConfig,
+    pub snapshot: crate::snapshot::SnapshotMode,
+    pub snapshot_workers: usize,
+    pub snapshot_chunk_rows: usize,
 }
 
 impl Settings {
@@ -702,6 +720,13 @@ impl Settings {
                 &[("fail", Unroutable::Fail), ("drop", Unroutable::Drop)],
             )?,
             standby_retry: Duration::from_secs(raw.number("standby_retry_secs", 5u64, 1)?),
+            snapshot: raw.choice(
+                "snapshot",
+                crate::snapshot::SnapshotMode::Initial,
+                crate::snapshot::SnapshotMode::CHOICES,
+            )?,
+            snapshot_workers: raw.number("snapshot_workers", 2usize, 1)?,
+            snapshot_chunk_rows: raw.number("snapshot_chunk_rows", 4096usize, 1)?,
             source,
         })
     }
@@ -736,6 +761,9 @@ impl Settings {
             // The slot streams both: pgoutput takes a list of publications.
             s.publication = format!("{},{io}", self.publication);
         }
+        s.snapshot = self.snapshot;
+        s.snapshot_workers = self.snapshot_workers;
+        s.snapshot_chunk_rows = self.snapshot_chunk_rows;
         s
     }
 }

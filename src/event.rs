@@ -157,7 +157,19 @@ pub struct ChangeEvent {
 impl ChangeEvent {
     /// `<commit_lsn as 16 hex digits>-<seq as 8 digits>`: the same on every
     /// replay of the same WAL, so consumers deduplicate on it.
+    ///
+    /// Snapshot reads use `<LSN>-r<table OID, 8 hex>-<row ordinal, 10 digits>`
+    /// (see [`crate::snapshot`]): never equal to a stream id.
     pub fn message_id(&self) -> String {
+        if self.snapshot {
+            let oid = self.table.as_ref().map_or(0, |t| t.relation.oid);
+            return format!(
+                "{}-r{:08X}-{:010}",
+                self.commit_lsn.to_fixed_hex(),
+                oid,
+                self.seq
+            );
+        }
         message_id(self.commit_lsn, self.seq)
     }
 

@@ -36,6 +36,7 @@ pub mod schema;
 pub mod secret;
 pub mod sink;
 pub mod slot;
+pub mod snapshot;
 pub mod spill;
 pub mod standby;
 pub mod supervisor;

@@ -33,7 +33,8 @@ fn main() -> ExitCode {
         Invocation::Tail(s)
         | Invocation::Run(s)
         | Invocation::Check(s)
-        | Invocation::Slot(_, s) => s.log_format,
+        | Invocation::Slot(_, s)
+        | Invocation::Snapshot(_, s) => s.log_format,
     };
     init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -177,6 +177,8 @@ pub struct Metrics {
     pub sink_up: AtomicU64,
     /// Rows read by snapshots so far (set by the snapshot phase).
     pub snapshot_rows: AtomicU64,
+    /// Snapshot progress by table: (rows done, rows estimated).
+    snapshot_tables: Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
     hooks: Mutex<Vec<RenderHook>>,
 }
 
@@ -209,6 +211,7 @@ impl Default for Metrics {
             streaming: AtomicU64::new(0),
             sink_up: AtomicU64::new(0),
             snapshot_rows: AtomicU64::new(0),
+            snapshot_tables: Mutex::new(Default::default()),
             hooks: Mutex::new(Vec::new()),
         }
     }
@@ -421,6 +424,14 @@ impl Metrics {
         self.circuit() == CircuitState::Streaming
             && self.streaming.load(Relaxed) == 1
             && self.sink_up.load(Relaxed) == 1
+    }
+
+    /// Progress of a table's (initial or on-demand) snapshot.
+    pub fn snapshot_progress(&self, table: &str, done: u64, estimated: u64) {
+        self.snapshot_tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(table.to_string(), (done, estimated));
     }
 
     /// Adds metric families rendered by another part (snapshot progress).
@@ -702,6 +713,24 @@ impl Metrics {
             "Rows read by snapshots so far.",
             self.snapshot_rows.load(Relaxed),
         );
+        family(
+            &mut s,
+            "odoo_cdc_snapshot_table_rows",
+            "gauge",
+            "Rows of a table published by its latest snapshot (kind=done) and the estimate from pg_class.reltuples (kind=estimated).",
+        );
+        for (table, (done, estimated)) in self
+            .snapshot_tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let t = escape_label(table);
+            let _ = writeln!(
+                s,
+                "odoo_cdc_snapshot_table_rows{{table=\"{t}\",kind=\"done\"}} {done}\nodoo_cdc_snapshot_table_rows{{table=\"{t}\",kind=\"estimated\"}} {estimated}"
+            );
+        }
         for hook in self.hooks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             hook(&mut s);
         }

@@ -93,6 +93,12 @@ pub struct SessionConfig {
     pub max_events_per_message: usize,
     /// How long to wait for in-flight confirms on shutdown.
     pub shutdown_grace: Duration,
+    /// When to take an initial snapshot.
+    pub snapshot: crate::snapshot::SnapshotMode,
+    /// Parallel connections of the initial snapshot.
+    pub snapshot_workers: usize,
+    /// Rows per chunk of an on-demand snapshot.
+    pub snapshot_chunk_rows: usize,
     /// Silence from the walsender after which it is pinged (half of this) and
     /// then given up on (all of it).
     pub replication_timeout: Duration,
@@ -126,6 +132,9 @@ impl SessionConfig {
             status_interval: Duration::from_secs(10),
             max_events_per_message: 1000,
             shutdown_grace: Duration::from_secs(30),
+            snapshot: crate::snapshot::SnapshotMode::Initial,
+            snapshot_workers: 2,
+            snapshot_chunk_rows: 4096,
             replication_timeout: Duration::from_secs(60),
             on_decode_error: OnDecodeError::Fail,
             selection: crate::filter::SelectionConfig::default(),
@@ -147,6 +156,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error("the replication stream ended: the server closed it (shutdown or slot taken over?)")]
     StreamEnded,
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error(
         "the walsender sent nothing for {0:?}, not even an answer to a ping: the connection is dead or stalled"
     )]
@@ -164,6 +175,7 @@ impl PipelineError {
             PipelineError::Replication(e) => e.is_retryable(),
             PipelineError::Slot(e) => e.is_retryable(),
             PipelineError::Sink(e) => e.is_retryable(),
+            PipelineError::Snapshot(e) => e.is_retryable(),
             PipelineError::StreamEnded | PipelineError::WalsenderSilent(_) => true,
             // A value that cannot be encoded will fail again on replay.
             PipelineError::Encode(_) | PipelineError::Assemble(_) => false,
@@ -262,8 +274,8 @@ fn mentions_slot_or_publication(e: &ReplicationError) -> bool {
     text.contains("replication slot") || text.contains("publication")
 }
 
-/// What the reader sends to the publisher, in WAL order.
-enum Item {
+/// What the reader (and the snapshot) sends to the publisher, in WAL order.
+pub(crate) enum Item {
     Begin {
         xid: u32,
         commit_lsn: Lsn,
@@ -275,6 +287,8 @@ enum Item {
     },
     /// A safe position with nothing to publish (heartbeat, unpublished message).
     Mark(Lsn),
+    /// Answered once everything sent before is confirmed (end of a snapshot).
+    Barrier(tokio::sync::oneshot::Sender<()>),
     /// The server's WAL end from a keepalive while no transaction is open:
     /// safe once everything before is confirmed, and then we are caught up.
     Idle(Lsn),
@@ -313,6 +327,82 @@ where
     let version = client.server_version_num();
     let prepared = slot::prepare(&mut client, cfg).await?;
     let start = prepared.start;
+    let mut describer = describer;
+    tokio::pin!(shutdown);
+
+    // The publisher runs from the start: an initial snapshot goes through it too.
+    let confirmed = Arc::new(AtomicU64::new(start.0));
+    let advanced = Arc::new(Notify::new());
+    let stop_intake = Arc::new(AtomicBool::new(false));
+    let intake_stopped = Arc::new(Notify::new());
+    let (tx, rx) = mpsc::channel::<Item>(cfg.channel_capacity);
+    let mut publisher = {
+        let cfg = cfg.clone();
+        let confirmed = confirmed.clone();
+        let advanced = advanced.clone();
+        let metrics = metrics.clone();
+        let stop_intake = stop_intake.clone();
+        let intake_stopped = intake_stopped.clone();
+        tokio::spawn(async move {
+            let mut p = Publisher::new(&cfg, sink, start, confirmed, advanced, metrics);
+            let r = p.run(rx, &stop_intake, &intake_stopped).await;
+            // Close the broker connection cleanly (bounded inside) once every
+            // confirm is in; after a failure it is dropped instead.
+            if r.is_ok()
+                && let Err(e) = p.sink.close().await
+            {
+                tracing::debug!(error = %e, "closing the sink");
+            }
+            r
+        })
+    };
+
+    if let Some(export) = &prepared.export {
+        let done = tokio::select! {
+            biased;
+            _ = &mut shutdown => None,
+            r = initial_snapshot(cfg, export, version, describer.as_mut(), &tx, &metrics) => Some(r),
+        };
+        let outcome = match done {
+            Some(Ok(())) => Ok(true),
+            Some(Err(e)) => Err(e),
+            // Shutdown mid-snapshot: the temporary slot goes with the
+            // connection, so the next start snapshots again.
+            None => Ok(false),
+        };
+        let finished = match outcome {
+            Ok(true) if cfg.snapshot != crate::snapshot::SnapshotMode::InitialOnly => {
+                slot::finish_snapshot(&mut client, cfg, export).await?;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                drop(tx);
+                let publisher_error =
+                    match tokio::time::timeout(cfg.shutdown_grace, publisher).await {
+                        Ok(Ok(Err(p))) => Some(p),
+                        _ => None,
+                    };
+                return Err(match (e, publisher_error) {
+                    (
+                        PipelineError::Snapshot(crate::snapshot::SnapshotError::PublisherGone),
+                        Some(p),
+                    ) => p,
+                    (e, _) => e,
+                });
+            }
+        };
+        if !finished {
+            drop(tx);
+            let r = tokio::time::timeout(cfg.shutdown_grace, publisher).await;
+            client.close().await;
+            if let Ok(Ok(Err(e))) = r {
+                return Err(e);
+            }
+            return Ok(Stopped::Shutdown { confirmed: start });
+        }
+    }
+
     tracing::info!(
         slot = %cfg.slot,
         publication = %cfg.publication,
@@ -351,13 +441,9 @@ where
     }
     let _streaming = StreamingFlag(&metrics);
 
-    let confirmed = Arc::new(AtomicU64::new(start.0));
-    let advanced = Arc::new(Notify::new());
     let reply_now = Arc::new(Notify::new());
     let ping = Arc::new(Notify::new());
     let stop_status = Arc::new(Notify::new());
-    let stop_intake = Arc::new(AtomicBool::new(false));
-    let intake_stopped = Arc::new(Notify::new());
 
     // Status task: owns the write half.
     let status_task = {
@@ -406,35 +492,22 @@ where
         })
     };
 
-    let (tx, rx) = mpsc::channel::<Item>(cfg.channel_capacity);
-    let mut publisher = {
-        let cfg = cfg.clone();
-        let confirmed = confirmed.clone();
-        let advanced = advanced.clone();
-        let metrics = metrics.clone();
-        let stop_intake = stop_intake.clone();
-        let intake_stopped = intake_stopped.clone();
-        tokio::spawn(async move {
-            let mut p = Publisher::new(&cfg, sink, start, confirmed, advanced, metrics);
-            let r = p.run(rx, &stop_intake, &intake_stopped).await;
-            // Close the broker connection cleanly (bounded inside) once every
-            // confirm is in; after a failure it is dropped instead.
-            if r.is_ok()
-                && let Err(e) = p.sink.close().await
-            {
-                tracing::debug!(error = %e, "closing the sink");
-            }
-            r
-        })
-    };
-
     let mut assembler = Assembler::new(describer, cfg.stream_mem_budget, cfg.spill_dir.clone());
+    let mut incremental = crate::snapshot::incremental::Incremental::new(
+        crate::snapshot::incremental::Settings {
+            source: cfg.source.clone(),
+            publications: publication_list(cfg),
+            chunk_rows: cfg.snapshot_chunk_rows.max(1),
+            server_version: version,
+        },
+        metrics.clone(),
+    );
+    let mut snapshot_rows: Vec<ChangeEvent> = Vec::new();
     let policy = cfg.on_decode_error;
     let dead_letter_key = dead_letter_key(&cfg.routing);
     // Half the replication timeout without a message: ping (a status update
     // asking for a reply); the other half: the connection is dead.
     let half_timeout = cfg.replication_timeout / 2;
-    tokio::pin!(shutdown);
     let mut shutting_down = false;
     let read_result: Result<(), PipelineError> = async {
         // Hands an item to the publisher; gives up at once on shutdown (even
@@ -512,7 +585,23 @@ where
                                 commit_lsn,
                                 commit_ts,
                             },
-                            Output::Event(ev) => Item::Event(ev),
+                            Output::Event(ev) => {
+                                // Snapshot signals and watermarks are consumed
+                                // here; a high watermark releases a chunk's rows.
+                                let consumed = incremental.on_event(
+                                    &ev,
+                                    &mut |rel| assembler.describe_relation(rel),
+                                    &mut snapshot_rows,
+                                );
+                                if consumed {
+                                    let rows = std::mem::take(&mut snapshot_rows);
+                                    for row in rows {
+                                        send!(Item::Event(row));
+                                    }
+                                    continue;
+                                }
+                                Item::Event(ev)
+                            }
                             Output::Commit { end_lsn, .. } => Item::Commit { end_lsn },
                             Output::Progress(lsn) => Item::Mark(lsn),
                         };
@@ -525,6 +614,7 @@ where
                     ..
                 }) => {
                     metrics.set_server_wal_end(wal_end);
+                    incremental.poll();
                     if !assembler.in_transaction() {
                         send!(Item::Idle(wal_end));
                     }
@@ -547,6 +637,7 @@ where
         }
     }
     drop(tx);
+    drop(incremental);
 
     // The publisher finishes what it handed to the broker: it waits for the
     // confirms, on shutdown bounded by the grace period.
@@ -588,6 +679,43 @@ where
     Ok(Stopped::Shutdown {
         confirmed: final_lsn,
     })
+}
+
+fn publication_list(cfg: &SessionConfig) -> Vec<String> {
+    cfg.publication
+        .split(',')
+        .map(|p| p.trim().to_string())
+        .collect()
+}
+
+/// Reads the tables inside the exported snapshot and waits until the broker
+/// confirmed every row.
+async fn initial_snapshot(
+    cfg: &SessionConfig,
+    export: &slot::Export,
+    version: u32,
+    describer: &mut dyn TableDescriber,
+    tx: &mpsc::Sender<Item>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), PipelineError> {
+    let plan = crate::snapshot::initial::Plan {
+        source: cfg.source.clone(),
+        publications: publication_list(cfg),
+        snapshot_name: export.snapshot_name.clone(),
+        consistent_point: export.consistent_point,
+        workers: cfg.snapshot_workers,
+        server_version: version,
+    };
+    crate::snapshot::initial::run(&plan, describer, tx, metrics).await?;
+    let (done, confirmed) = tokio::sync::oneshot::channel();
+    tx.send(Item::Barrier(done))
+        .await
+        .map_err(|_| crate::snapshot::SnapshotError::PublisherGone)?;
+    confirmed
+        .await
+        .map_err(|_| crate::snapshot::SnapshotError::PublisherGone)?;
+    tracing::info!(consistent_point = %export.consistent_point, "initial snapshot confirmed by the sink");
+    Ok(())
 }
 
 /// Clears the streaming gauge however the session ends.
@@ -698,6 +826,8 @@ struct Publisher<S: Sink> {
     on_flush: Vec<DeliveryId>,
     txn: Option<TxnBatch>,
     buf: Vec<u8>,
+    /// Answered when nothing is in flight any more.
+    barriers: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 type PendingConfirm = std::pin::Pin<
@@ -750,6 +880,7 @@ impl<S: Sink> Publisher<S> {
             on_flush: Vec::new(),
             txn: None,
             buf: Vec::with_capacity(4096),
+            barriers: Vec::new(),
         }
     }
 
@@ -852,7 +983,16 @@ impl<S: Sink> Publisher<S> {
             Ok(None) => {}
             Err(e) => return Err(PipelineError::Internal(e.to_string())),
         }
+        self.release_barriers();
         Ok(())
+    }
+
+    fn release_barriers(&mut self) {
+        if !self.barriers.is_empty() && self.checkpoint.in_flight() == 0 {
+            for b in self.barriers.drain(..) {
+                let _ = b.send(());
+            }
+        }
     }
 
     fn publish_lsn(&self, lsn: Lsn) {
@@ -883,8 +1023,15 @@ impl<S: Sink> Publisher<S> {
             }
             Item::Event(ev) => match self.granularity {
                 Granularity::Row => self.publish_row(&ev).await?,
+                // Snapshot rows belong to no transaction: one message each.
+                Granularity::Transaction if ev.snapshot => self.publish_row(&ev).await?,
                 Granularity::Transaction => self.add_to_txn(&ev).await?,
             },
+            Item::Barrier(done) => {
+                self.flush_pending_writes().await?;
+                self.barriers.push(done);
+                self.release_barriers();
+            }
             Item::Commit { end_lsn } => {
                 if self.granularity == Granularity::Transaction {
                     self.flush_txn_part(true).await?;

@@ -56,6 +56,84 @@ impl SlotError {
 pub struct Prepared {
     pub start: Lsn,
     pub created: bool,
+    /// Set when an initial snapshot must be taken before streaming.
+    pub export: Option<Export>,
+}
+
+/// A slot created with an exported snapshot. The replication connection that
+/// created it must stay idle until the snapshot is imported, and runs
+/// [`finish_snapshot`] afterwards.
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub snapshot_name: String,
+    pub consistent_point: Lsn,
+    /// The temporary slot created under a pending name, to be copied into the
+    /// real slot once the snapshot is confirmed (`None`: the real slot itself
+    /// is temporary and was created directly).
+    pub pending_slot: Option<String>,
+}
+
+/// A pending slot name for `slot`: `<slot>_snap_<8 hex>`, within the 63-byte limit.
+pub fn pending_slot_name(slot: &str) -> String {
+    let keep = slot.len().min(63 - 14);
+    format!("{}_snap_{:08x}", &slot[..keep], rand::random::<u32>())
+}
+
+/// Creates a temporary slot with an exported snapshot: `name` itself when the
+/// session's slot is temporary, else a pending name.
+async fn create_exported(
+    client: &mut ReplicationClient,
+    cfg: &SessionConfig,
+    direct: bool,
+) -> Result<Prepared, SlotError> {
+    let name = if direct {
+        cfg.slot.clone()
+    } else {
+        pending_slot_name(&cfg.slot)
+    };
+    let created = client
+        .create_logical_slot(&name, true, SnapshotAction::Export)
+        .await?;
+    let snapshot_name = created
+        .snapshot_name
+        .clone()
+        .ok_or_else(|| SlotError::Unexpected {
+            slot: name.clone(),
+            what: "CREATE_REPLICATION_SLOT exported no snapshot".into(),
+        })?;
+    tracing::info!(slot = %name, consistent_point = %created.consistent_point, "created a temporary slot with an exported snapshot for the initial snapshot");
+    Ok(Prepared {
+        start: created.consistent_point,
+        created: true,
+        export: Some(Export {
+            snapshot_name,
+            consistent_point: created.consistent_point,
+            pending_slot: (!direct).then_some(name),
+        }),
+    })
+}
+
+/// After a confirmed initial snapshot: makes the pending slot the session's
+/// real, permanent slot (same consistent point) and drops the pending one. Until
+/// this ran, a crash leaves no slot behind and the next start snapshots again.
+pub async fn finish_snapshot(
+    client: &mut ReplicationClient,
+    cfg: &SessionConfig,
+    export: &Export,
+) -> Result<(), SlotError> {
+    let Some(pending) = &export.pending_slot else {
+        return Ok(());
+    };
+    client
+        .simple_query(&format!(
+            "SELECT pg_copy_logical_replication_slot({}, {}, false)",
+            quote_literal(pending),
+            quote_literal(&cfg.slot)
+        ))
+        .await?;
+    client.drop_slot(pending, false).await?;
+    tracing::info!(slot = %cfg.slot, consistent_point = %export.consistent_point, "initial snapshot complete: slot created at its consistent point");
+    Ok(())
 }
 
 pub use crate::replication::{quote_ident, quote_literal};
@@ -66,29 +144,46 @@ pub async fn prepare(
     client: &mut ReplicationClient,
     cfg: &SessionConfig,
 ) -> Result<Prepared, SlotError> {
+    use crate::snapshot::SnapshotMode;
     let db = cfg.source.dbname.clone();
     // Publications first: a slot created before its publication cannot decode
     // the WAL in between.
     crate::publication::prepare(cfg).await?;
 
-    let rows = client
+    if cfg.snapshot == SnapshotMode::InitialOnly {
+        // A one-off copy: the streaming slot is not created or touched.
+        return create_exported(client, cfg, false).await;
+    }
+    let mut rows = client
         .simple_query(&format!(
             "SELECT plugin, confirmed_flush_lsn, wal_status, active_pid FROM pg_replication_slots \
              WHERE slot_name = {} AND database = current_database()",
             quote_literal(&cfg.slot)
         ))
         .await?;
+    if cfg.snapshot == SnapshotMode::WhenNeeded
+        && rows
+            .first()
+            .is_some_and(|r| r.get(2).cloned().flatten().as_deref() == Some("lost"))
+    {
+        tracing::warn!(slot = %cfg.slot, "the slot was invalidated (WAL lost): dropping it to re-create it with a fresh snapshot");
+        client.drop_slot(&cfg.slot, false).await?;
+        rows.clear();
+    }
     let unexpected = |what: &str| SlotError::Unexpected {
         slot: cfg.slot.clone(),
         what: what.to_string(),
     };
     match rows.first() {
         None => {
-            if !cfg.create_slot {
+            if !cfg.create_slot && cfg.snapshot != SnapshotMode::WhenNeeded {
                 return Err(SlotError::Missing {
                     slot: cfg.slot.clone(),
                     db,
                 });
+            }
+            if cfg.snapshot != SnapshotMode::Never {
+                return create_exported(client, cfg, cfg.temporary_slot).await;
             }
             let created = client
                 .create_logical_slot(&cfg.slot, cfg.temporary_slot, SnapshotAction::NoExport)
@@ -97,6 +192,7 @@ pub async fn prepare(
             Ok(Prepared {
                 start: created.consistent_point,
                 created: true,
+                export: None,
             })
         }
         Some(row) => {
@@ -127,6 +223,7 @@ pub async fn prepare(
             Ok(Prepared {
                 start,
                 created: false,
+                export: None,
             })
         }
     }

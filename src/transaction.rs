@@ -162,6 +162,13 @@ impl Assembler {
         self.tables.get(&oid)
     }
 
+    /// Describes a relation read from the catalog (snapshots) with the same
+    /// describer as the stream, so filters and model names apply alike. The
+    /// relation cache of the stream is left alone.
+    pub fn describe_relation(&mut self, relation: Relation) -> Arc<TableInfo> {
+        Arc::new(self.describer.describe(Arc::new(relation)))
+    }
+
     /// Feeds one XLogData payload. Drain [`Assembler::next`] before the next push.
     pub fn push(&mut self, lsn: Lsn, body: &Bytes) -> Result<(), AssembleError> {
         debug_assert!(self.ready.is_empty() && self.replay.is_none());

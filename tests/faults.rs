@@ -178,6 +178,9 @@ impl Run {
             "--publication",
             PUBLICATION,
             "--create-slot",
+            // The check counts committed changes: the seed rows are not snapshotted.
+            "--snapshot",
+            "never",
             "--status-interval-secs",
             "1",
             "--confirm-timeout-secs",

@@ -161,7 +161,8 @@ async fn replica_identity_default_vs_full_and_unchanged_toast() {
          INSERT INTO rid_full VALUES (1, 'a', repeat('y', 3000));",
     )
     .await;
-    let mut tail = start_tail(&db, &[]).await;
+    // Only the stream: the rows above are the "before" state, not snapshot reads.
+    let mut tail = start_tail(&db, &["--snapshot", "never"]).await;
     db.exec(
         "UPDATE rid_default SET v = 'b' WHERE id = 1;
          UPDATE rid_full SET v = 'b' WHERE id = 1;
