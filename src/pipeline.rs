@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{Notify, mpsc};
 
 use crate::checkpoint::{Checkpoint, DeliveryId};
@@ -265,7 +265,11 @@ where
         })
     };
 
-    let (tx, rx) = mpsc::channel::<Item>(cfg.channel_capacity);
+    // Items travel in batches of what the socket already holds, so a busy
+    // stream costs one channel hand-off (and at most one wake-up of the
+    // publisher's thread) per batch instead of per change; the bound in items
+    // stays about `channel_capacity`.
+    let (tx, rx) = mpsc::channel::<Vec<Item>>((cfg.channel_capacity / BATCH).max(1));
     let publisher = {
         let cfg = cfg.clone();
         let confirmed = confirmed.clone();
@@ -280,53 +284,36 @@ where
     let mut assembler = Assembler::new(describer, cfg.stream_mem_budget, cfg.spill_dir.clone());
     tokio::pin!(shutdown);
     let read_result: Result<(), PipelineError> = async {
+        let mut batch = Vec::with_capacity(BATCH);
         loop {
             let msg = tokio::select! {
                 biased;
                 _ = &mut shutdown => return Ok(()),
                 m = reader.next() => m?,
             };
-            match msg {
-                None => return Err(PipelineError::StreamEnded),
-                Some(ReplicationMessage::XLogData {
-                    wal_start, data, ..
-                }) => {
-                    metrics.add_wal_bytes(data.len());
-                    assembler.push(wal_start, &data)?;
-                    while let Some(out) = assembler.next()? {
-                        let item = match out {
-                            Output::Begin {
-                                xid,
-                                commit_lsn,
-                                commit_ts,
-                            } => Item::Begin {
-                                xid,
-                                commit_lsn,
-                                commit_ts,
-                            },
-                            Output::Event(ev) => Item::Event(ev),
-                            Output::Commit { end_lsn, .. } => Item::Commit { end_lsn },
-                            Output::Progress(lsn) => Item::Mark(lsn),
-                        };
-                        if tx.send(item).await.is_err() {
-                            // The publisher stopped: its error is the one to report.
-                            return Ok(());
-                        }
-                    }
+            let mut next = Some(msg);
+            while let Some(msg) = next.take() {
+                let Some(msg) = msg else {
+                    return Err(PipelineError::StreamEnded);
+                };
+                read_one(msg, &mut assembler, &mut batch, &metrics, &reply_now)?;
+                if batch.len() >= BATCH {
+                    break;
                 }
-                Some(ReplicationMessage::Keepalive {
-                    wal_end,
-                    reply_requested,
-                    ..
-                }) => {
-                    metrics.set_server_wal_end(wal_end);
-                    if !assembler.in_transaction() && tx.send(Item::Mark(wal_end)).await.is_err() {
-                        return Ok(());
-                    }
-                    if reply_requested {
-                        reply_now.notify_one();
-                    }
-                }
+                // `next` is cancel-safe: a message not complete yet stays buffered.
+                next = match reader.next().now_or_never() {
+                    Some(m) => Some(m?),
+                    None => None,
+                };
+            }
+            if !batch.is_empty()
+                && tx
+                    .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                    .await
+                    .is_err()
+            {
+                // The publisher stopped: its error is the one to report.
+                return Ok(());
             }
         }
     }
@@ -362,6 +349,57 @@ where
     })
 }
 
+/// Most items sent to the publisher in one batch.
+const BATCH: usize = 256;
+
+/// Turns one replication message into items for the publisher.
+fn read_one(
+    msg: ReplicationMessage,
+    assembler: &mut Assembler,
+    batch: &mut Vec<Item>,
+    metrics: &Metrics,
+    reply_now: &Notify,
+) -> Result<(), PipelineError> {
+    match msg {
+        ReplicationMessage::XLogData {
+            wal_start, data, ..
+        } => {
+            metrics.add_wal_bytes(data.len());
+            assembler.push(wal_start, &data)?;
+            while let Some(out) = assembler.next()? {
+                batch.push(match out {
+                    Output::Begin {
+                        xid,
+                        commit_lsn,
+                        commit_ts,
+                    } => Item::Begin {
+                        xid,
+                        commit_lsn,
+                        commit_ts,
+                    },
+                    Output::Event(ev) => Item::Event(ev),
+                    Output::Commit { end_lsn, .. } => Item::Commit { end_lsn },
+                    Output::Progress(lsn) => Item::Mark(lsn),
+                });
+            }
+        }
+        ReplicationMessage::Keepalive {
+            wal_end,
+            reply_requested,
+            ..
+        } => {
+            metrics.set_server_wal_end(wal_end);
+            if !assembler.in_transaction() {
+                batch.push(Item::Mark(wal_end));
+            }
+            if reply_requested {
+                reply_now.notify_one();
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The publishing stage.
 struct Publisher<S: Sink> {
     sink: S,
@@ -379,6 +417,8 @@ struct Publisher<S: Sink> {
     on_flush: Vec<DeliveryId>,
     txn: Option<TxnBatch>,
     buf: Vec<u8>,
+    /// The last transaction's part buffer, reused by the next one.
+    spare_body: Vec<u8>,
 }
 
 type PendingConfirm = std::pin::Pin<
@@ -423,21 +463,28 @@ impl<S: Sink> Publisher<S> {
             on_flush: Vec::new(),
             txn: None,
             buf: Vec::with_capacity(4096),
+            spare_body: Vec::new(),
         }
     }
 
-    async fn run(&mut self, mut rx: mpsc::Receiver<Item>) -> Result<(), PipelineError> {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Vec<Item>>) -> Result<(), PipelineError> {
         let mut open = true;
+        // The batch being handled, one item at a time so the window holds.
+        let mut items = Vec::new().into_iter();
         loop {
-            if !open && self.pending.is_empty() {
+            if !open && items.len() == 0 && self.pending.is_empty() {
                 return Ok(());
             }
-            let mut can_take = open && self.checkpoint.in_flight() < self.window;
-            if !can_take && open && self.pending.is_empty() {
+            let mut can_take = self.checkpoint.in_flight() < self.window;
+            if !can_take && self.pending.is_empty() {
                 // The window is full of write-then-flush deliveries: make them
                 // durable to free it (a transaction larger than the window).
                 self.flush_pending_writes().await?;
                 can_take = self.checkpoint.in_flight() < self.window;
+            }
+            if can_take && let Some(item) = items.next() {
+                self.handle(item).await?;
+                continue;
             }
             tokio::select! {
                 biased;
@@ -446,9 +493,9 @@ impl<S: Sink> Publisher<S> {
                     self.metrics.observe_confirm(started.elapsed());
                     self.confirm(id)?;
                 }
-                item = rx.recv(), if can_take => {
-                    match item {
-                        Some(item) => self.handle(item).await?,
+                batch = rx.recv(), if open && can_take => {
+                    match batch {
+                        Some(batch) => items = batch.into_iter(),
                         None => {
                             open = false;
                             self.flush_pending_writes().await?;
@@ -489,7 +536,7 @@ impl<S: Sink> Publisher<S> {
                         first_seq: None,
                         next_seq: 0,
                         events: 0,
-                        body: Vec::new(),
+                        body: std::mem::take(&mut self.spare_body),
                     });
                 }
             }
@@ -503,7 +550,10 @@ impl<S: Sink> Publisher<S> {
             Item::Commit { end_lsn } => {
                 if self.granularity == Granularity::Transaction {
                     self.flush_txn_part(true).await?;
-                    self.txn = None;
+                    if let Some(mut t) = self.txn.take() {
+                        t.body.clear();
+                        self.spare_body = t.body;
+                    }
                 }
                 self.flush_pending_writes().await?;
                 self.mark(end_lsn);
@@ -581,25 +631,35 @@ impl<S: Sink> Publisher<S> {
         if full {
             self.flush_txn_part(false).await?;
         }
-        let encoded = self.encode_event(ev)?;
         let Some(t) = self.txn.as_mut() else {
             return Err(PipelineError::Internal(
                 "event outside a transaction in transaction granularity".into(),
             ));
         };
-        if t.first_seq.is_none() {
-            t.first_seq = Some(ev.seq);
-        }
-        t.next_seq = ev.seq + 1;
-        match self.format {
+        // Encoded straight into the part's body: no per-event buffer or copy.
+        let start = t.body.len();
+        let encoded = match self.format {
             Format::Json => {
                 if t.events > 0 {
                     t.body.push(b',');
                 }
-                t.body.extend_from_slice(&encoded);
+                encode_json(ev, &self.encode, &mut t.body)
             }
-            Format::Protobuf => crate::protobuf::append_to_transaction(&mut t.body, &encoded),
+            Format::Protobuf => {
+                self.buf.clear();
+                crate::protobuf::encode_event(ev, &self.encode, &mut self.buf).map(|()| {
+                    crate::protobuf::append_to_transaction(&mut t.body, &self.buf);
+                })
+            }
+        };
+        if let Err(e) = encoded {
+            t.body.truncate(start);
+            return Err(e.into());
         }
+        if t.first_seq.is_none() {
+            t.first_seq = Some(ev.seq);
+        }
+        t.next_seq = ev.seq + 1;
         t.events += 1;
         Ok(())
     }
