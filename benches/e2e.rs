@@ -246,11 +246,7 @@ impl Bench {
     async fn throughput(&self) -> anyhow::Result<Value> {
         let a = &self.args;
         self.create_slot(ORIGIN).await?;
-        let big_rows = if a.big_txns == 0 {
-            0
-        } else {
-            a.rows / 4 / a.big_txns
-        };
+        let big_rows = (a.rows / 4).checked_div(a.big_txns).unwrap_or(0);
         let small_txns = (a.rows - big_rows * a.big_txns) / a.txn_rows;
         eprintln!(
             "loading {small_txns} transactions of {} rows and {} of {big_rows} rows...",

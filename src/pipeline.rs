@@ -292,12 +292,23 @@ where
                 m = reader.next() => m?,
             };
             let mut next = Some(msg);
+            // Back to the shutdown check after at most BATCH messages.
+            let mut budget = BATCH;
             while let Some(msg) = next.take() {
+                budget -= 1;
                 let Some(msg) = msg else {
                     return Err(PipelineError::StreamEnded);
                 };
                 read_one(msg, &mut assembler, &mut batch, &metrics, &reply_now)?;
-                if batch.len() >= BATCH {
+                // Drain everything the message released (a streamed
+                // transaction's commit replays all of it) in bounded batches.
+                while let Some(out) = assembler.next()? {
+                    batch.push(item_of(out));
+                    if batch.len() >= BATCH && !send(&tx, &mut batch).await {
+                        return Ok(());
+                    }
+                }
+                if budget == 0 {
                     break;
                 }
                 // `next` is cancel-safe: a message not complete yet stays buffered.
@@ -306,13 +317,7 @@ where
                     None => None,
                 };
             }
-            if !batch.is_empty()
-                && tx
-                    .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
-                    .await
-                    .is_err()
-            {
-                // The publisher stopped: its error is the one to report.
+            if !batch.is_empty() && !send(&tx, &mut batch).await {
                 return Ok(());
             }
         }
@@ -352,7 +357,32 @@ where
 /// Most items sent to the publisher in one batch.
 const BATCH: usize = 256;
 
-/// Turns one replication message into items for the publisher.
+/// Sends a batch to the publisher; false once the publisher has stopped (its
+/// error is the one to report).
+async fn send(tx: &mpsc::Sender<Vec<Item>>, batch: &mut Vec<Item>) -> bool {
+    let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
+    tx.send(full).await.is_ok()
+}
+
+fn item_of(out: Output) -> Item {
+    match out {
+        Output::Begin {
+            xid,
+            commit_lsn,
+            commit_ts,
+        } => Item::Begin {
+            xid,
+            commit_lsn,
+            commit_ts,
+        },
+        Output::Event(ev) => Item::Event(ev),
+        Output::Commit { end_lsn, .. } => Item::Commit { end_lsn },
+        Output::Progress(lsn) => Item::Mark(lsn),
+    }
+}
+
+/// Feeds one replication message to the assembler (whose outputs the caller
+/// drains before the next one), or turns a keepalive into a safe position.
 fn read_one(
     msg: ReplicationMessage,
     assembler: &mut Assembler,
@@ -366,22 +396,6 @@ fn read_one(
         } => {
             metrics.add_wal_bytes(data.len());
             assembler.push(wal_start, &data)?;
-            while let Some(out) = assembler.next()? {
-                batch.push(match out {
-                    Output::Begin {
-                        xid,
-                        commit_lsn,
-                        commit_ts,
-                    } => Item::Begin {
-                        xid,
-                        commit_lsn,
-                        commit_ts,
-                    },
-                    Output::Event(ev) => Item::Event(ev),
-                    Output::Commit { end_lsn, .. } => Item::Commit { end_lsn },
-                    Output::Progress(lsn) => Item::Mark(lsn),
-                });
-            }
         }
         ReplicationMessage::Keepalive {
             wal_end,
