@@ -23,15 +23,17 @@ use bytes::Bytes;
 use clap::Parser;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use odoo_cdc::sink::rabbitmq::{QueueSpec, QueueType, RabbitConfig, RabbitSink};
 use odoo_cdc::sink::{Confirm, HeaderValue, OutgoingMessage, Sink};
 use tokio::time::timeout;
+
+// The plain publisher is shared with the end-to-end harness.
+#[allow(dead_code)]
+#[path = "../benches/e2e/broker.rs"]
+mod broker;
 
 /// Bound on each setup or cleanup call, so a vanished broker fails the run.
 const STEP: Duration = Duration::from_secs(30);
@@ -129,95 +131,41 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// Publishes with lapin alone and returns the seconds from the first publish
-/// to the last confirm.
+/// Publishes with lapin alone (the harness' publisher, `benches/e2e/broker.rs`)
+/// and returns the seconds from the first publish to the last confirm.
 async fn plain_lapin(
     args: &Args,
     channel: &Channel,
     exchange: &str,
     queue: &str,
 ) -> anyhow::Result<f64> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let declare = channel.exchange_declare(
-        exchange.into(),
-        lapin::ExchangeKind::Topic,
-        durable,
+    broker::declare_exchange(channel, exchange).await?;
+    broker::declare_queue(
+        channel,
+        exchange,
+        queue,
+        args.queue_type.as_str(),
         FieldTable::default(),
-    );
-    timeout(STEP, declare).await.context("exchange.declare")??;
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(args.queue_type.as_str().into()),
-    );
-    let options = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    timeout(
-        STEP,
-        channel.queue_declare(queue.into(), options, arguments),
+    )
+    .await?;
+    let event_properties = args.event_properties;
+    broker::publish(
+        channel,
+        exchange,
+        u64::from(args.messages),
+        args.size,
+        args.window,
+        move |i| {
+            if event_properties {
+                broker::event_properties(i)
+            } else {
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(format!("{i:016X}-00000000").into())
+            }
+        },
     )
     .await
-    .context("queue.declare")??;
-    let bind = channel.queue_bind(
-        queue.into(),
-        exchange.into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    );
-    timeout(STEP, bind).await.context("queue.bind")??;
-    timeout(
-        STEP,
-        channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await
-    .context("confirm.select")??;
-
-    let body = vec![b'x'; args.size];
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..Default::default()
-    };
-    let mut in_flight = FuturesUnordered::new();
-    let start = Instant::now();
-    for i in 0..args.messages {
-        while in_flight.len() >= args.window {
-            check_lapin(in_flight.next().await)?;
-        }
-        let props = if args.event_properties {
-            event_properties(event(i, Bytes::new()))
-        } else {
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(format!("{i:016X}-00000000").into())
-        };
-        let publish = channel.basic_publish(
-            exchange.into(),
-            "odoo.public.sale_order.insert".into(),
-            options,
-            &body,
-            props,
-        );
-        in_flight.push(timeout(STEP, publish).await.context("basic.publish")??);
-    }
-    while !in_flight.is_empty() {
-        check_lapin(in_flight.next().await)?;
-    }
-    Ok(start.elapsed().as_secs_f64())
-}
-
-fn check_lapin(confirm: Option<lapin::Result<Confirmation>>) -> anyhow::Result<()> {
-    match confirm {
-        Some(Ok(Confirmation::Ack(None))) => Ok(()),
-        Some(Ok(other)) => bail!("broker did not cleanly confirm a message: {other:?}"),
-        Some(Err(e)) => bail!("confirm failed: {e}"),
-        None => Ok(()),
-    }
 }
 
 /// Publishes the same load through `RabbitSink`, events shaped like real
@@ -280,26 +228,6 @@ fn event(i: u32, body: Bytes) -> OutgoingMessage {
         kind: "sale.order.create".to_owned(),
         headers,
     }
-}
-
-/// The AMQP properties the sink sends for `e`, built the plain way.
-fn event_properties(e: OutgoingMessage) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    for (name, value) in e.headers {
-        let value = match value {
-            HeaderValue::Str(s) => AMQPValue::LongString(s.into()),
-            HeaderValue::Int(n) => AMQPValue::LongLongInt(n),
-            HeaderValue::Bool(b) => AMQPValue::Boolean(b),
-        };
-        headers.insert(name.into(), value);
-    }
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_message_id(e.message_id.into())
-        .with_content_type(e.content_type.into())
-        .with_timestamp(e.timestamp)
-        .with_type(e.kind.into())
-        .with_headers(headers)
 }
 
 /// How many messages the queue holds (not checked for streams, which count

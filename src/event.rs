@@ -22,7 +22,7 @@ use bytes::Bytes;
 use crate::lsn::Lsn;
 use crate::pgoutput::{ColumnValue, OldTuple, TupleData};
 use crate::schema::Relation;
-use crate::value::{ValueError, write_json, write_json_str};
+use crate::value::{ValueError, write_json, write_json_str, write_json_string};
 
 /// The kind of change, with its one-letter code in the event and its word in
 /// routing keys.
@@ -554,8 +554,7 @@ fn write_field(
 }
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
-    // A Rust &str is valid UTF-8, so escaping cannot fail.
-    let _ = write_json_str(s.as_bytes(), out);
+    write_json_string(s, out);
 }
 
 fn push_str_bytes(out: &mut Vec<u8>, s: &[u8]) {
@@ -597,14 +596,19 @@ pub fn write_lsn(lsn: Lsn, out: &mut Vec<u8>) {
     hex(lsn.0 as u32, out);
 }
 
-fn write_padded(v: u64, width: usize, out: &mut Vec<u8>) {
-    let start = out.len();
-    write_u64(v, out);
-    let len = out.len() - start;
-    if len < width {
-        let pad = width - len;
-        out.splice(start..start, std::iter::repeat_n(b'0', pad));
+fn write_padded(mut v: u64, width: usize, out: &mut Vec<u8>) {
+    let mut buf = [b'0'; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
     }
+    let start = buf.len().saturating_sub(width).min(i);
+    out.extend_from_slice(&buf[start..]);
 }
 
 /// Microseconds between 1970-01-01 and 2000-01-01 (the Postgres epoch).

@@ -55,18 +55,38 @@ impl Routing {
                 format!("{}.message.{}", self.prefix, p)
             }
             _ => {
+                // One pass over the template (this runs for every event): each
+                // placeholder is replaced once, never inside a substituted value.
                 let schema = ev.schema().unwrap_or("");
                 let table = ev.table_name().unwrap_or("");
-                let model = ev
-                    .model()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("{schema}.{table}"));
-                self.template
-                    .replace("{prefix}", &self.prefix)
-                    .replace("{schema}", schema)
-                    .replace("{table}", table)
-                    .replace("{op}", ev.op.word())
-                    .replace("{model}", &model)
+                let mut key = String::with_capacity(self.template.len() + 48);
+                let mut rest = self.template.as_str();
+                while let Some(start) = rest.find('{') {
+                    key.push_str(&rest[..start]);
+                    let tail = &rest[start..];
+                    let Some(end) = tail.find('}') else {
+                        rest = tail;
+                        break;
+                    };
+                    match &tail[1..end] {
+                        "prefix" => key.push_str(&self.prefix),
+                        "schema" => key.push_str(schema),
+                        "table" => key.push_str(table),
+                        "op" => key.push_str(ev.op.word()),
+                        "model" => match ev.model() {
+                            Some(model) => key.push_str(model),
+                            None => {
+                                key.push_str(schema);
+                                key.push('.');
+                                key.push_str(table);
+                            }
+                        },
+                        _ => key.push_str(&tail[..=end]),
+                    }
+                    rest = &tail[end + 1..];
+                }
+                key.push_str(rest);
+                key
             }
         }
     }

@@ -678,6 +678,19 @@ fn write_str(s: &[u8], out: &mut Vec<u8>) -> Res {
     if std::str::from_utf8(s).is_err() {
         return Err("invalid UTF-8".into());
     }
+    escape_str(s, out);
+    Ok(())
+}
+
+/// Append a Rust string (valid UTF-8 by construction, so nothing to check) as a
+/// JSON string literal: for names (columns, tables) written into every event.
+#[inline]
+pub fn write_json_string(s: &str, out: &mut Vec<u8>) {
+    escape_str(s.as_bytes(), out);
+}
+
+/// `"` + `s` escaped as JSON requires + `"`; `s` must be valid UTF-8.
+fn escape_str(s: &[u8], out: &mut Vec<u8>) {
     out.reserve(s.len() + 2);
     out.push(b'"');
     let mut run = 0;
@@ -703,7 +716,6 @@ fn write_str(s: &[u8], out: &mut Vec<u8>) -> Res {
     }
     out.extend_from_slice(&s[run..]);
     out.push(b'"');
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
