@@ -144,6 +144,17 @@ pg_up() {
     pg_ctl_cmd start >/dev/null
   fi
   create_roles
+  drop_stale_slots
+}
+
+# A test that was killed (or a developer's ^C) leaves its slot behind, and an
+# inactive slot pins WAL until the disk is full: the cluster is throwaway, so
+# every slot nobody is streaming from is dropped when the services come up.
+drop_stale_slots() {
+  local psql=( "$(pg_bindir)/psql" -X -q -At -h "$PG_SOCKET_DIR" -p "$PG_PORT" -U postgres -d postgres )
+  local n
+  n=$(as_postgres "${psql[@]}" -c "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE NOT active" 2>/dev/null || echo 0)
+  [ "${n:-0}" = 0 ] || log "dropped $n inactive replication slot(s) left by earlier runs"
 }
 
 rabbit_running() {
