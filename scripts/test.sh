@@ -19,7 +19,8 @@ echo "== docker/ and README offline checks"
 cargo test --test docker --test readme
 echo "== cargo test"
 # Each test binary runs its tests in parallel; binaries run one after another,
-# so the fault-injection binary (which stops the broker) never overlaps others.
+# so the fault-injection binary never overlaps others (it stops and alarms only its
+# own private PostgreSQL cluster and RabbitMQ node, see tests/common).
 mkdir -p target
 cargo test --all-targets 2>&1 | tee target/test-output.log
 cargo test --doc
