@@ -8,7 +8,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::amqp::{Got, consume};
@@ -427,34 +427,11 @@ async fn undecodable_data_stops_with_exit_5_and_json_logs() {
     let amqp = amqp_url();
     let mut args = common::run_args(&db, &exchange, &amqp);
     args.extend(["--log-format", "json"]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_odoo-cdc"))
-        .args(&args)
-        .env("ODOO_CDC_LOG", "warn,lapin=error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_connector(&args);
     wait_for_slot(&db).await;
     write_bad_rows(&db).await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the connector did not stop on an undecodable value");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert_eq!(status.code(), Some(5), "{stderr}");
+    let (code, stderr) = exit_of(child, 90, "stop on an undecodable value").await;
+    assert_eq!(code, Some(5), "{stderr}");
     // Structured logs: every line is a JSON object.
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value =
@@ -481,15 +458,20 @@ async fn undecodable_data_stops_with_exit_5_and_json_logs() {
     db.cleanup().await;
 }
 
-/// Runs the connector to its exit (capped) and returns code and stderr.
-fn run_to_exit(args: &[&str], secs: u64) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_odoo-cdc"))
+/// `odoo-cdc` with stderr captured (warnings only), stdout discarded.
+fn spawn_connector(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_odoo-cdc"))
         .args(args)
         .env("ODOO_CDC_LOG", "warn,lapin=error")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Waits (capped) for the connector to exit and returns its code and stderr;
+/// `None` and no output if it was still running at the cap (then killed).
+async fn try_exit_of(mut child: Child, secs: u64) -> (Option<i32>, Option<String>) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -500,15 +482,29 @@ fn run_to_exit(args: &[&str], secs: u64) -> (Option<i32>, String) {
                 .unwrap()
                 .read_to_string(&mut err)
                 .unwrap();
-            return (s.code(), err);
+            return (s.code(), Some(err));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return (None, String::new());
+            return (None, None);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Like [`try_exit_of`], failing the test with "the connector did not {what}".
+async fn exit_of(child: Child, secs: u64, what: &str) -> (Option<i32>, String) {
+    match try_exit_of(child, secs).await {
+        (code, Some(err)) => (code, err),
+        (_, None) => panic!("the connector did not {what} within {secs} s"),
+    }
+}
+
+/// Runs the connector to its exit (capped) and returns code and stderr.
+async fn run_to_exit(args: &[&str], secs: u64) -> (Option<i32>, String) {
+    let (code, err) = try_exit_of(spawn_connector(args), secs).await;
+    (code, err.unwrap_or_default())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,14 +518,14 @@ async fn fatal_conditions_exit_with_their_codes() {
     let bad_pg = format!("postgres://odoo_cdc_scram:wrong@{host}/{}", db.name);
     let mut args = common::run_args(&db, &exchange, &amqp);
     args[2] = &bad_pg;
-    let (code, err) = run_to_exit(&args, 60);
+    let (code, err) = run_to_exit(&args, 60).await;
     assert_eq!(code, Some(4), "{err}");
     assert!(!err.contains("wrong"), "password in the logs: {err}");
 
     // Wrong RabbitMQ password: 4.
     let bad_amqp = amqp.replace("guest:guest", "guest:wrong");
     let args = common::run_args(&db, &exchange, &bad_amqp);
-    let (code, err) = run_to_exit(&args, 60);
+    let (code, err) = run_to_exit(&args, 60).await;
     assert_eq!(code, Some(4), "{err}");
 
     // Publication missing (and not to be created): 3.
@@ -547,7 +543,7 @@ async fn fatal_conditions_exit_with_their_codes() {
         "no_such_publication",
         "--create-slot",
     ];
-    let (code, err) = run_to_exit(&args, 60);
+    let (code, err) = run_to_exit(&args, 60).await;
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("no_such_publication"), "{err}");
 
@@ -562,13 +558,7 @@ async fn slot_dropped_while_running_exits_3_instead_of_recreating_it() {
     let consumer = consume(&exchange, &unique_name("q"), "#").await;
     let amqp = amqp_url();
     let args = common::run_args(&db, &exchange, &amqp);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_odoo-cdc"))
-        .args(&args)
-        .env("ODOO_CDC_LOG", "warn,lapin=error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_connector(&args);
     wait_for_slot(&db).await;
     db.exec("INSERT INTO item VALUES (1)").await;
     assert!(
@@ -597,25 +587,8 @@ async fn slot_dropped_while_running_exits_3_instead_of_recreating_it() {
         assert!(Instant::now() < deadline, "could not drop the slot");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the connector kept running without its slot");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(status.code(), Some(3), "{err}");
+    let (code, err) = exit_of(child, 60, "stop without its slot").await;
+    assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("does not exist"), "{err}");
     assert!(
         db.confirmed_flush_lsn(&db.name).await.is_none(),
@@ -764,7 +737,7 @@ async fn an_invalidated_slot_exits_3() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (code, err) = run_to_exit(&args, 60);
+    let (code, err) = run_to_exit(&args, 60).await;
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("invalidated"), "{err}");
     consumer.delete().await;
