@@ -465,41 +465,32 @@ impl Metrics {
             v.sort_by(|a, b| a.label.cmp(&b.label));
             v
         };
-        family(
-            &mut s,
-            "odoo_cdc_table_events_total",
-            "counter",
-            "Change events encoded for publishing, by table and operation.",
-        );
-        for t in &tables {
-            for op in OPS {
-                let v = t.events[op_index(op)].load(Relaxed);
-                if v > 0 {
-                    let _ = writeln!(
-                        s,
-                        "odoo_cdc_table_events_total{{table=\"{}\",op=\"{}\"}} {v}",
-                        t.label,
-                        op.word()
-                    );
-                }
-            }
-        }
-        family(
-            &mut s,
-            "odoo_cdc_table_event_bytes_total",
-            "counter",
-            "Bytes of encoded events, by table and operation.",
-        );
-        for t in &tables {
-            for op in OPS {
-                let v = t.bytes[op_index(op)].load(Relaxed);
-                if v > 0 {
-                    let _ = writeln!(
-                        s,
-                        "odoo_cdc_table_event_bytes_total{{table=\"{}\",op=\"{}\"}} {v}",
-                        t.label,
-                        op.word()
-                    );
+        type PerOp = fn(&TableCounters) -> &[AtomicU64; 6];
+        let per_table: [(&str, &str, PerOp); 2] = [
+            (
+                "odoo_cdc_table_events_total",
+                "Change events encoded for publishing, by table and operation.",
+                |t| &t.events,
+            ),
+            (
+                "odoo_cdc_table_event_bytes_total",
+                "Bytes of encoded events, by table and operation.",
+                |t| &t.bytes,
+            ),
+        ];
+        for (name, help, counters) in per_table {
+            family(&mut s, name, "counter", help);
+            for t in &tables {
+                for op in OPS {
+                    let v = counters(t)[op_index(op)].load(Relaxed);
+                    if v > 0 {
+                        let _ = writeln!(
+                            s,
+                            "{name}{{table=\"{}\",op=\"{}\"}} {v}",
+                            t.label,
+                            op.word()
+                        );
+                    }
                 }
             }
         }
