@@ -15,6 +15,15 @@ use std::process::ExitCode;
 use odoo_cdc::cli::{self, Invocation};
 use odoo_cdc::config::LogFormat;
 
+/// mimalloc instead of glibc malloc. lapin runs its socket loop on its own
+/// thread, so every message's frames and confirm promises are allocated on
+/// one thread and freed on the other; glibc serialises that on its arena lock
+/// (`malloc_consolidate`, `__lll_lock_wait_private` were ~25% of the
+/// connector's CPU in row granularity). mimalloc frees cross-thread blocks
+/// without a shared lock. Figures in README "Performance".
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let invocation = match cli::parse(std::env::args_os()) {
         Err(e) => {
