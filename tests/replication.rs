@@ -601,6 +601,70 @@ async fn confirmed_flush(sql: &tokio_postgres::Client, slot: &str) -> Option<Lsn
     row.get::<_, Option<String>>(0).map(|s| s.parse().unwrap())
 }
 
+/// While the walsender is busy the reader raises the socket's SO_RCVLOWAT and
+/// lets the kernel queue bytes before waking it (src/replication/coalesce.rs).
+/// What must never happen is a small trailing message stuck below that mark:
+/// after a backlog of ~10 MB, one more one-row transaction still arrives (the
+/// walsender's keepalives, 30 s apart and tiny, would never fill the mark).
+#[tokio::test]
+async fn a_small_transaction_after_a_busy_burst_is_not_held_back() {
+    let db = TestDb::create("coalesce").await;
+    let admin = db.sql().await;
+    admin
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name text);
+             CREATE PUBLICATION cdc_pub FOR TABLE items;",
+        )
+        .await
+        .unwrap();
+    let mut client = ReplicationClient::connect(&db.cfg())
+        .await
+        .expect("connect");
+    let slot = unique("coalesce");
+    client
+        .create_logical_slot(&slot, false, SnapshotAction::NoExport)
+        .await
+        .expect("create slot");
+    admin
+        .batch_execute(
+            "INSERT INTO items SELECT g, repeat('x', 200) FROM generate_series(1, 40000) g",
+        )
+        .await
+        .unwrap();
+    let pubs = publication_names_value(&["cdc_pub"]);
+    let mut stream = client
+        .start_logical_replication(
+            &slot,
+            Lsn(0),
+            &[("proto_version", "1"), ("publication_names", &pubs)],
+        )
+        .await
+        .expect("START_REPLICATION");
+    // Let the socket fill up, so the first reads are large and coalescing starts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut rows = 0;
+    let mut commits = 0;
+    let mut trailing_sent = false;
+    while commits < 2 {
+        if let ReplicationMessage::XLogData { data, .. } = stream_next(&mut stream).await {
+            match data[0] {
+                b'I' => rows += 1,
+                b'C' => commits += 1,
+                _ => {}
+            }
+            if commits == 1 && !trailing_sent {
+                admin
+                    .batch_execute("INSERT INTO items VALUES (0, 'last')")
+                    .await
+                    .unwrap();
+                trailing_sent = true;
+            }
+        }
+    }
+    assert_eq!(rows, 40001);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_pgoutput_confirms_flush_and_answers_keepalives() {
     let db = TestDb::create("stream").await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use postgres_protocol::message::frontend;
 
 use super::auth::authenticate;
+use super::coalesce::Coalescer;
 use super::command;
 use super::config::PgConfig;
 use super::connection::{Backend, Connection, parse_server_version};
@@ -233,8 +234,10 @@ impl ReplicationClient {
         )
         .await?;
         tracing::debug!(slot, %start, "logical replication started");
+        let mut reader = self.conn.reader;
+        reader.coalesce(Some(Coalescer::new(self.conn.socket)));
         Ok(ReplicationStream::new(
-            self.conn.reader,
+            reader,
             self.conn.writer,
             self.command_timeout,
         ))

@@ -2,6 +2,7 @@
 //! packet, and reading backend messages outside COPY mode.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -70,6 +71,9 @@ impl Backend {
 pub(crate) struct Connection {
     pub(crate) reader: FrameReader<ReadHalf<BoxStream>>,
     pub(crate) writer: FrameWriter<WriteHalf<BoxStream>>,
+    /// The TCP socket under the (possibly TLS) stream, for receive coalescing
+    /// once replication starts.
+    pub(crate) socket: RawFd,
     /// Latest value of each `ParameterStatus` (`server_version`, ...).
     pub(crate) params: HashMap<String, String>,
 }
@@ -82,6 +86,7 @@ impl Connection {
         tls_config: Option<Arc<ClientConfig>>,
     ) -> Result<Self, ReplicationError> {
         let mut tcp = tcp_connect(&cfg.host, cfg.port).await?;
+        let socket = tcp.as_raw_fd();
         let stream: BoxStream = match tls_config {
             None => Box::new(tcp),
             Some(tls_config) => {
@@ -130,6 +135,7 @@ impl Connection {
         Ok(Connection {
             reader: FrameReader::new(rd),
             writer: FrameWriter::new(wr),
+            socket,
             params: HashMap::new(),
         })
     }

@@ -9,12 +9,15 @@
 //!   `IDENTIFY_SYSTEM`, slot commands, simple queries, `START_REPLICATION`.
 //! - [`stream`]: [`ReplicationStream`] — XLogData and keepalives in, standby
 //!   status updates out; splits into a reader and a [`StatusSender`].
+//! - `coalesce`: fewer, larger socket reads while the walsender is busy
+//!   (`SO_RCVLOWAT` with a 2 ms bound).
 //! - [`sql`]: tokio-postgres connections with the same host, auth, TLS and
 //!   session settings.
 //! - [`error`]: [`ReplicationError`] and which errors are worth a retry.
 
 mod auth;
 pub mod client;
+mod coalesce;
 pub mod command;
 pub mod config;
 mod connection;

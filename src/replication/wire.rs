@@ -9,6 +9,7 @@
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::coalesce::Coalescer;
 use super::error::{ReplicationError, ServerError};
 
 /// PostgreSQL never builds a message larger than 1 GiB (`MaxAllocSize`); anything
@@ -28,6 +29,8 @@ pub(crate) const HEADER_LEN: usize = 5;
 pub(crate) struct FrameReader<R> {
     rd: R,
     buf: BytesMut,
+    /// Set once the WAL stream starts, on TCP sockets (see [`super::coalesce`]).
+    coalesce: Option<Coalescer>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -35,7 +38,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             rd,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            coalesce: None,
         }
+    }
+
+    /// From now on, read the socket in large batches while it is busy.
+    pub(crate) fn coalesce(&mut self, coalescer: Option<Coalescer>) {
+        self.coalesce = coalescer;
     }
 
     /// The next complete frame, header included (`frame[0]` is the tag).
@@ -50,13 +59,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(frame) = self.try_split()? {
                 return Ok(frame);
             }
-            let n = self
-                .rd
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| ReplicationError::io(context, e))?;
+            let wait = self.coalesce.as_ref().and_then(Coalescer::max_wait);
+            let read = match wait {
+                None => self.rd.read_buf(&mut self.buf).await,
+                Some(wait) => {
+                    match tokio::time::timeout(wait, self.rd.read_buf(&mut self.buf)).await {
+                        Ok(read) => read,
+                        Err(_) => {
+                            // Fewer than LOWAT bytes arrived in time: take them.
+                            if let Some(c) = self.coalesce.as_mut() {
+                                c.release();
+                            }
+                            self.rd.read_buf(&mut self.buf).await
+                        }
+                    }
+                }
+            };
+            let n = read.map_err(|e| ReplicationError::io(context, e))?;
             if n == 0 {
                 return Err(ReplicationError::Closed { context });
+            }
+            if let Some(c) = self.coalesce.as_mut() {
+                c.observe(n);
             }
         }
     }
