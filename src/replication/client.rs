@@ -235,7 +235,9 @@ impl ReplicationClient {
         .await?;
         tracing::debug!(slot, %start, "logical replication started");
         let mut reader = self.conn.reader;
-        reader.coalesce(Some(Coalescer::new(self.conn.socket)));
+        // Linux only: lowering SO_RCVLOWAT signals queued bytes at once there
+        // (tcp_set_rcvlowat); other kernels are not known to, so they read plainly.
+        reader.coalesce(cfg!(target_os = "linux").then(|| Coalescer::new(self.conn.socket)));
         Ok(ReplicationStream::new(
             reader,
             self.conn.writer,
