@@ -562,18 +562,8 @@ fn push_str_bytes(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// Decimal digits of `v`, without going through `fmt` (hot path).
-pub fn write_u64(mut v: u64, out: &mut Vec<u8>) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
+pub fn write_u64(v: u64, out: &mut Vec<u8>) {
+    write_padded(v, 0, out);
 }
 
 /// An LSN in Postgres' `X/X` upper-case hex form, without allocating.
@@ -596,6 +586,7 @@ pub fn write_lsn(lsn: Lsn, out: &mut Vec<u8>) {
     hex(lsn.0 as u32, out);
 }
 
+/// Decimal digits of `v`, left-padded with zeros to at least `width`.
 fn write_padded(mut v: u64, width: usize, out: &mut Vec<u8>) {
     let mut buf = [b'0'; 20];
     let mut i = buf.len();
