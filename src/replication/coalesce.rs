@@ -58,7 +58,7 @@ impl Coalescer {
     /// How long the next read may wait for [`LOWAT`] bytes; `None` for a
     /// plain read (the stream is quiet, or coalescing is off).
     pub(crate) fn max_wait(&self) -> Option<Duration> {
-        (self.raised && !self.disabled).then_some(MAX_WAIT)
+        self.raised.then_some(MAX_WAIT)
     }
 
     /// The wait expired with fewer than [`LOWAT`] bytes queued: let them through.

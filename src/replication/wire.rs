@@ -59,30 +59,37 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(frame) = self.try_split()? {
                 return Ok(frame);
             }
-            let wait = self.coalesce.as_ref().and_then(Coalescer::max_wait);
-            let read = match wait {
-                None => self.rd.read_buf(&mut self.buf).await,
-                Some(wait) => {
-                    match tokio::time::timeout(wait, self.rd.read_buf(&mut self.buf)).await {
-                        Ok(read) => read,
-                        Err(_) => {
-                            // Fewer than LOWAT bytes arrived in time: take them.
-                            if let Some(c) = self.coalesce.as_mut() {
-                                c.release();
-                            }
-                            self.rd.read_buf(&mut self.buf).await
-                        }
-                    }
-                }
-            };
-            let n = read.map_err(|e| ReplicationError::io(context, e))?;
+            let n = self
+                .read_more()
+                .await
+                .map_err(|e| ReplicationError::io(context, e))?;
             if n == 0 {
                 return Err(ReplicationError::Closed { context });
             }
-            if let Some(c) = self.coalesce.as_mut() {
-                c.observe(n);
-            }
         }
+    }
+
+    /// One read into the buffer. While coalescing, waits at most the
+    /// coalescer's bound for the kernel to wake it, then takes what is there.
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        let Some(c) = self.coalesce.as_mut() else {
+            return self.rd.read_buf(&mut self.buf).await;
+        };
+        let read = match c.max_wait() {
+            None => self.rd.read_buf(&mut self.buf).await,
+            Some(wait) => match tokio::time::timeout(wait, self.rd.read_buf(&mut self.buf)).await {
+                Ok(read) => read,
+                Err(_) => {
+                    // Fewer than LOWAT bytes arrived in time: take them.
+                    c.release();
+                    self.rd.read_buf(&mut self.buf).await
+                }
+            },
+        };
+        if let Ok(n @ 1..) = read {
+            c.observe(n);
+        }
+        read
     }
 
     fn try_split(&mut self) -> Result<Option<BytesMut>, ReplicationError> {
