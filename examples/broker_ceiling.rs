@@ -16,14 +16,13 @@
 //! figures show what the sink costs on top of the broker.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use odoo_cdc::sink::rabbitmq::{QueueSpec, QueueType, RabbitConfig, RabbitSink};
@@ -35,8 +34,8 @@ use tokio::time::timeout;
 #[path = "../benches/e2e/broker.rs"]
 mod broker;
 
-/// Bound on each setup or cleanup call, so a vanished broker fails the run.
-const STEP: Duration = Duration::from_secs(30);
+// Bound on each setup or cleanup call (shared with the harness), so a vanished broker fails the run.
+use broker::STEP;
 
 #[derive(Parser, Debug)]
 #[command(about = "Measure RabbitMQ's own ceiling for persistent, confirmed publishes")]
@@ -96,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|held| (seconds, held)),
         Err(e) => Err(e),
     };
-    let cleanup = delete(&channel, &exchange, &queue).await;
+    let cleanup = broker::delete(&channel, &exchange, &queue).await;
     let (seconds, held) = held?;
     cleanup?;
     if let Some(held) = held
@@ -240,31 +239,5 @@ async fn queued(
     if queue_type == QueueType::Stream {
         return Ok(None);
     }
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let declared = timeout(
-        STEP,
-        channel.queue_declare(queue.into(), passive, FieldTable::default()),
-    )
-    .await
-    .context("queue.declare (passive)")??;
-    Ok(Some(declared.message_count()))
-}
-
-async fn delete(channel: &Channel, exchange: &str, queue: &str) -> anyhow::Result<()> {
-    timeout(
-        STEP,
-        channel.queue_delete(queue.into(), QueueDeleteOptions::default()),
-    )
-    .await
-    .context("queue.delete")??;
-    timeout(
-        STEP,
-        channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()),
-    )
-    .await
-    .context("exchange.delete")??;
-    Ok(())
+    broker::queue_len(channel, queue).await.map(Some)
 }
