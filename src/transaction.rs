@@ -289,17 +289,28 @@ impl Assembler {
                             content,
                         )));
                     }
-                } else if prefix == HEARTBEAT_PREFIX {
-                    // Decoding skips records before the restart point, so one
-                    // past the message's own LSN is safe once earlier work is.
-                    self.ready.push_back(Output::Progress(Lsn(msg_lsn.0 + 1)));
                 } else {
-                    // A non-transactional message stands alone: its own LSN is
-                    // its "commit", so its id is `<lsn>-00000000`.
-                    self.ready.push_back(Output::Event(message_event(
-                        msg_lsn, 0, msg_lsn, 0, 0, false, prefix, content,
-                    )));
-                    self.ready.push_back(Output::Progress(Lsn(msg_lsn.0 + 1)));
+                    // A non-transactional message is decoded with the LSN of
+                    // the *end* of its WAL record, which is where the next
+                    // record may begin: another transaction's commit. On
+                    // restart Postgres skips every commit whose record starts
+                    // before the confirmed flush position, so the message's
+                    // LSN itself is the furthest safe mark (exclusive end):
+                    // the message (which starts before it) is not decoded
+                    // again, a commit starting at it is.
+                    if prefix != HEARTBEAT_PREFIX {
+                        self.ready.push_back(Output::Event(message_event(
+                            msg_lsn,
+                            0,
+                            standalone_message_position(msg_lsn),
+                            0,
+                            0,
+                            false,
+                            prefix,
+                            content,
+                        )));
+                    }
+                    self.ready.push_back(Output::Progress(msg_lsn));
                 }
             }
             Message::StreamStart { xid, .. } => {
@@ -607,6 +618,18 @@ fn emit_changes(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The position a non-transactional logical message is ordered and
+/// identified by: the last byte of its own WAL record (`end - 1`).
+///
+/// Its decoded LSN (the record's end) may be exactly where the next record, a
+/// commit, starts, so `<end>-00000000` could also be the id of that
+/// transaction's first event. No record can start on the last byte of another
+/// record, so `end - 1` is unique to the message, and it still sorts after
+/// every commit before the message and before every commit after it.
+pub fn standalone_message_position(end: Lsn) -> Lsn {
+    Lsn(end.0.saturating_sub(1))
+}
+
 fn message_event(
     lsn: Lsn,
     xid: u32,

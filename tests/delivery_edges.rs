@@ -1,0 +1,154 @@
+//! The edges of the delivery contract, each as the smallest workload that
+//! crossed it once: positions that do not come from a commit, messages the
+//! broker returns or refuses, memory bounded in bytes, a runtime that must
+//! never stop answering the walsender.
+//!
+//! Tests that depend on the exact WAL layout run on a private PostgreSQL
+//! cluster, where no other test writes between two records.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Proc;
+use common::cluster::PrivateCluster;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn pg(url: &str) -> tokio_postgres::Client {
+    common::connect(url).await
+}
+
+async fn confirmed_flush(c: &tokio_postgres::Client, slot: &str) -> Option<u64> {
+    let row = c
+        .query_opt(
+            "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    row.and_then(|r| r.get::<_, Option<i64>>(0))
+        .map(|v| v as u64)
+}
+
+fn lsn_value(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').expect("an LSN like 0/16B3748");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+fn tail(url: &str, slot: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "tail",
+        "--source",
+        url,
+        "--slot",
+        slot,
+        "--publication",
+        "p",
+        "--snapshot",
+        "never",
+        "--status-interval-secs",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args, &[])
+}
+
+/// Section 1 of the contract's edges: a non-transactional logical message (our
+/// own heartbeat, or any application's) is decoded with the LSN of the *end*
+/// of its record. A commit whose record starts exactly there must still be
+/// delivered after a restart, and the message and that transaction's first
+/// event must not share an id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_right_after_a_non_transactional_message_survives_a_restart() {
+    let cluster = PrivateCluster::start(&[]);
+    let url = cluster.url("postgres");
+    let admin = pg(&url).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             CREATE PUBLICATION p FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_create_logical_replication_slot('s', 'pgoutput')")
+        .await
+        .unwrap();
+    let mut first = tail(&url, "s", &[]);
+
+    // Session A: a transaction with one row, left open.
+    let a = pg(&url).await;
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1, 'x')")
+        .await
+        .unwrap();
+    // Session B: a non-transactional message of someone else's (the same
+    // happens with our heartbeat prefix).
+    let b = pg(&url).await;
+    let msg_end: String = b
+        .query_one(
+            "SELECT pg_logical_emit_message(false, 'app.note', 'x')::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let msg_end = lsn_value(&msg_end);
+    // The connector reports a flush position at (or, before the fix, past)
+    // the message.
+    let deadline = std::time::Instant::now() + WAIT;
+    while confirmed_flush(&admin, "s").await.unwrap_or(0) < msg_end {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never reached the message's LSN {msg_end:#X}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let flushed = confirmed_flush(&admin, "s").await.unwrap();
+    assert!(
+        first.collect_until(WAIT, |l| !l.is_empty()),
+        "the message event"
+    );
+    first.kill9();
+
+    // Its commit record starts where the message's record ended.
+    a.batch_execute("COMMIT").await.unwrap();
+
+    let mut second = tail(&url, "s", &[]);
+    let got = second.collect_until(WAIT, |l| l.iter().any(|l| l.contains("\"op\":\"c\"")));
+    let mut events: Vec<Value> = first.events();
+    events.extend(second.events());
+    assert!(
+        got,
+        "row 1 was committed after the message and never arrived: {events:?}"
+    );
+    let insert = events.iter().find(|e| e["op"] == "c").unwrap();
+    let message = events.iter().find(|e| e["op"] == "m").unwrap();
+    let commit_lsn = lsn_value(insert["source"]["commit_lsn"].as_str().unwrap());
+    eprintln!(
+        "message end {msg_end:#X}, commit record at {commit_lsn:#X} ({})",
+        if commit_lsn == msg_end {
+            "exactly at the edge"
+        } else {
+            "another record in between"
+        }
+    );
+    let id = |e: &Value| {
+        format!(
+            "{}-{}",
+            e["source"]["commit_lsn"].as_str().unwrap(),
+            e["source"]["seq"]
+        )
+    };
+    assert_ne!(id(insert), id(message), "ids must be unique across events");
+    assert!(
+        lsn_value(message["source"]["commit_lsn"].as_str().unwrap()) < commit_lsn,
+        "the message orders before the commit that follows it"
+    );
+    assert_eq!(
+        flushed, msg_end,
+        "a non-transactional message's LSN is an exclusive end: never marked beyond"
+    );
+    second.kill9();
+}
