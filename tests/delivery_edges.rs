@@ -152,3 +152,80 @@ async fn a_commit_right_after_a_non_transactional_message_survives_a_restart() {
     );
     second.kill9();
 }
+
+/// Routable and unroutable messages interleaved under load: lapin may hand
+/// the return of an unroutable message to a neighbour's confirm, so the
+/// returned message's own confirm looks like a plain ack. Across many
+/// sessions (each fails on the return and replays), the slot must never move
+/// past the first transaction holding an unroutable event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returned_messages_never_let_the_slot_pass_them() {
+    let db = common::TestDb::create("edges_returns").await;
+    db.exec(
+        "CREATE TABLE ok_t (id int PRIMARY KEY, v text);
+         CREATE TABLE bad_t (id int PRIMARY KEY, v text);",
+    )
+    .await;
+    let exchange = common::unique_name("edges_returns");
+    let amqp = common::amqp_url();
+    // Only ok_t's events have a queue: bad_t's come back as unroutable.
+    let consumer = common::amqp::consume(
+        &exchange,
+        &common::unique_name("edges_returns_q"),
+        &format!("{}.public.ok_t.*", db.name),
+    )
+    .await;
+    let mut args = common::run_args(&db, &exchange, &amqp);
+    args.extend(["--snapshot", "never", "--window", "4096"]);
+    let mut connector = Proc::spawn(&args, &[]);
+    common::wait_for_slot(&db).await;
+    let start = db.confirmed_flush_lsn(&db.name).await.unwrap();
+
+    // One-row transactions, so a message's neighbours belong to other
+    // transactions: 500 routable ones, then one unroutable, then 1,500 more
+    // with every 10th unroutable.
+    let txns = |range: std::ops::Range<i32>| {
+        let mut sql = String::new();
+        for i in range {
+            let table = if i >= 500 && i % 10 == 0 {
+                "bad_t"
+            } else {
+                "ok_t"
+            };
+            sql.push_str(&format!(
+                "BEGIN; INSERT INTO {table} VALUES ({i}, 'v'); COMMIT;"
+            ));
+        }
+        sql
+    };
+    db.exec(&txns(0..501)).await;
+    let boundary: Option<String> = Some(
+        db.client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0),
+    );
+    db.exec(&txns(501..2000)).await;
+    let boundary = lsn_value(&boundary.unwrap());
+    // Sessions fail on the return and replay from the slot, again and again
+    // (backoff from 0.5 s): each one is a chance for the bug.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut max_seen = 0;
+    while std::time::Instant::now() < deadline {
+        let flushed = lsn_value(&db.confirmed_flush_lsn(&db.name).await.unwrap());
+        max_seen = max_seen.max(flushed);
+        assert!(
+            flushed < boundary,
+            "the slot moved to {flushed:#X}, past the first unroutable event (its transaction commits before {boundary:#X}; slot started at {start})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        max_seen > lsn_value(&start),
+        "the routable transactions before the first unroutable one were confirmed"
+    );
+    connector.kill9();
+    consumer.delete().await;
+    db.cleanup().await;
+}
