@@ -44,6 +44,8 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
         "unroutable",
         "confirm_timeout_secs",
         "max_events_per_message",
+        "max_message_bytes",
+        "on_oversized",
         "granularity",
         "window",
         "standby_retry_secs",

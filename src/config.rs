@@ -112,6 +112,21 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
         "transaction granularity: events per message part [default: 1000]",
     ),
     (
+        "max_message_bytes",
+        Kind::Single,
+        "largest message body to publish; transaction parts are split below it, a single larger event follows --on-oversized; keep it at or under the broker's max_message_size [default: 16777216]",
+    ),
+    (
+        "on_oversized",
+        Kind::Single,
+        "fail|dead-letter: an event whose message exceeds --max-message-bytes stops the connector (exit 6) or goes to <prefix>.dead_letter as an envelope naming table, key and LSN [default: fail]",
+    ),
+    (
+        "max_buffered_mb",
+        Kind::Single,
+        "memory for changes read from the WAL but not yet published, MiB; when full, reading pauses and the backlog stays in the WAL [default: 64]",
+    ),
+    (
         "stream_memory_mb",
         Kind::Single,
         "memory for buffered streamed transactions before spilling to disk, MiB [default: 64]",
@@ -512,6 +527,16 @@ pub enum Unroutable {
     Drop,
 }
 
+/// `--on-oversized`: what happens to an event too large to publish. Never an
+/// endless retry of a message the broker will refuse again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOversized {
+    /// Stop with an error naming table, key and LSN (exit code 6).
+    Fail,
+    /// Publish an envelope (table, key, LSN, size) to `<prefix>.dead_letter`.
+    DeadLetter,
+}
+
 /// `--on-decode-error`: what happens to a value or pgoutput message that
 /// cannot be decoded. Never a silent null or a skipped event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -545,6 +570,9 @@ pub struct Settings {
     pub routing: Routing,
     pub window: usize,
     pub max_events_per_message: usize,
+    pub max_message_bytes: usize,
+    pub on_oversized: OnOversized,
+    pub max_buffered: usize,
     pub stream_memory: usize,
     pub spill_dir: Option<PathBuf>,
     pub status_interval: Duration,
@@ -690,6 +718,17 @@ impl Settings {
             routing: Routing::new(prefix, template),
             window: raw.number("window", 2048usize, 1)?,
             max_events_per_message: raw.number("max_events_per_message", 1000usize, 1)?,
+            max_message_bytes: raw.number("max_message_bytes", 16usize * 1024 * 1024, 4096)?,
+            on_oversized: raw.choice(
+                "on_oversized",
+                OnOversized::Fail,
+                &[
+                    ("fail", OnOversized::Fail),
+                    ("dead-letter", OnOversized::DeadLetter),
+                    ("dead_letter", OnOversized::DeadLetter),
+                ],
+            )?,
+            max_buffered: raw.number("max_buffered_mb", 64usize, 1)? * 1024 * 1024,
             stream_memory: raw.number("stream_memory_mb", 64usize, 1)? * 1024 * 1024,
             spill_dir: raw.string("spill_dir").map(PathBuf::from),
             status_interval: Duration::from_secs(raw.number("status_interval_secs", 10u64, 1)?),
@@ -753,6 +792,9 @@ impl Settings {
         s.spill_dir = self.spill_dir.clone();
         s.status_interval = self.status_interval;
         s.max_events_per_message = self.max_events_per_message;
+        s.max_message_bytes = self.max_message_bytes;
+        s.on_oversized = self.on_oversized;
+        s.channel_bytes = self.max_buffered;
         s.shutdown_grace = self.shutdown_grace;
         s.replication_timeout = self.replication_timeout;
         s.on_decode_error = self.on_decode_error;

@@ -29,6 +29,7 @@ pub mod pgoutput;
 pub mod pipeline;
 pub mod protobuf;
 pub mod publication;
+mod queue;
 pub mod replication;
 pub mod retention;
 pub mod routing;

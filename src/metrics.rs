@@ -164,6 +164,8 @@ pub struct Metrics {
     reconnects: [AtomicU64; ReconnectCause::ALL.len()],
     circuit: AtomicU8,
     decode_errors: [AtomicU64; 3],
+    /// `--on-oversized` outcomes: failed, dead_letter.
+    oversized: [AtomicU64; 2],
     heartbeats: AtomicU64,
     slot_retained_wal_bytes: AtomicU64,
     slot_safe_wal_bytes: AtomicI64,
@@ -201,6 +203,7 @@ impl Default for Metrics {
             reconnects: Default::default(),
             circuit: AtomicU8::new(CircuitState::Connecting as u8),
             decode_errors: Default::default(),
+            oversized: Default::default(),
             heartbeats: AtomicU64::new(0),
             slot_retained_wal_bytes: AtomicU64::new(0),
             slot_safe_wal_bytes: AtomicI64::new(0),
@@ -393,6 +396,11 @@ impl Metrics {
 
     pub fn decode_error(&self, outcome: DecodeOutcome) {
         self.decode_errors[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    /// An event too large to publish (`dead_letter`: sent as an envelope).
+    pub fn oversized(&self, dead_letter: bool) {
+        self.oversized[usize::from(dead_letter)].fetch_add(1, Relaxed);
     }
 
     pub fn heartbeat_sent(&self) {
@@ -638,6 +646,19 @@ impl Metrics {
                 s,
                 "odoo_cdc_decode_errors_total{{outcome=\"{name}\"}} {}",
                 self.decode_errors[i].load(Relaxed)
+            );
+        }
+        family(
+            &mut s,
+            "odoo_cdc_oversized_events_total",
+            "counter",
+            "Events whose message exceeds --max-message-bytes, by what was done (--on-oversized).",
+        );
+        for (i, name) in ["fail", "dead_letter"].iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "odoo_cdc_oversized_events_total{{outcome=\"{name}\"}} {}",
+                self.oversized[i].load(Relaxed)
             );
         }
         single(

@@ -24,13 +24,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::checkpoint::{Checkpoint, DeliveryId};
-use crate::config::OnDecodeError;
+use crate::config::{OnDecodeError, OnOversized};
 use crate::event::{ChangeEvent, EncodeError, EncodeOptions, encode_json, write_pg_timestamp};
 use crate::lsn::Lsn;
 use crate::metrics::{CircuitState, DecodeOutcome, Metrics, ReconnectCause, TableCounterCache};
+use crate::queue::{ItemReceiver, ItemSender};
 use crate::replication::{PgConfig, ReplicationClient, ReplicationError, ReplicationMessage};
 use crate::routing::Routing;
 use crate::sink::{Confirm, ConfirmFuture, HeaderValue, OutgoingMessage, Sink, SinkError};
@@ -84,6 +85,9 @@ pub struct SessionConfig {
     pub max_in_flight_bytes: usize,
     /// Items buffered between reader and publisher.
     pub channel_capacity: usize,
+    /// Bytes of row data buffered between reader and publisher (see
+    /// [`crate::queue`]).
+    pub channel_bytes: usize,
     /// Memory budget for buffered streamed transactions, bytes.
     pub stream_mem_budget: usize,
     pub spill_dir: Option<std::path::PathBuf>,
@@ -91,6 +95,10 @@ pub struct SessionConfig {
     pub status_interval: Duration,
     /// Transaction granularity: events per message part.
     pub max_events_per_message: usize,
+    /// Largest message body published; transaction parts are cut below it.
+    pub max_message_bytes: usize,
+    /// What to do with a single event whose message would be larger.
+    pub on_oversized: OnOversized,
     /// How long to wait for in-flight confirms on shutdown.
     pub shutdown_grace: Duration,
     /// When to take an initial snapshot.
@@ -127,10 +135,13 @@ impl SessionConfig {
             window: 2048,
             max_in_flight_bytes: 16 * 1024 * 1024,
             channel_capacity: 4096,
+            channel_bytes: 64 * 1024 * 1024,
             stream_mem_budget: 64 * 1024 * 1024,
             spill_dir: None,
             status_interval: Duration::from_secs(10),
             max_events_per_message: 1000,
+            max_message_bytes: 16 * 1024 * 1024,
+            on_oversized: OnOversized::Fail,
             shutdown_grace: Duration::from_secs(30),
             snapshot: crate::snapshot::SnapshotMode::Initial,
             snapshot_workers: 2,
@@ -162,6 +173,17 @@ pub enum PipelineError {
         "the walsender sent nothing for {0:?}, not even an answer to a ping: the connection is dead or stalled"
     )]
     WalsenderSilent(Duration),
+    #[error(
+        "event {message_id} ({table}, key {key}, LSN {lsn}) needs a message of {size} bytes, over --max-message-bytes={limit}: raise the limit (and the broker's max_message_size) or run with --on-oversized=dead-letter"
+    )]
+    Oversized {
+        message_id: String,
+        table: String,
+        key: String,
+        lsn: Lsn,
+        size: usize,
+        limit: usize,
+    },
     #[error("configuration: {0}")]
     Config(String),
     #[error("internal: {0}")]
@@ -179,6 +201,8 @@ impl PipelineError {
             PipelineError::StreamEnded | PipelineError::WalsenderSilent(_) => true,
             // A value that cannot be encoded will fail again on replay.
             PipelineError::Encode(_) | PipelineError::Assemble(_) => false,
+            // The same event would be refused again.
+            PipelineError::Oversized { .. } => false,
             PipelineError::Internal(_) | PipelineError::Config(_) => false,
         }
     }
@@ -197,6 +221,9 @@ pub mod exit_code {
     pub const AUTH: u8 = 4;
     /// A value or pgoutput message could not be decoded (`--on-decode-error=fail`).
     pub const BAD_DATA: u8 = 5;
+    /// An event too large to publish (`--on-oversized=fail`), or a message the
+    /// broker refused for its size.
+    pub const OVERSIZED: u8 = 6;
 }
 
 impl PipelineError {
@@ -219,6 +246,9 @@ impl PipelineError {
                 AUTH
             }
             PipelineError::Encode(_) | PipelineError::Assemble(_) => BAD_DATA,
+            PipelineError::Oversized { .. } | PipelineError::Sink(SinkError::TooLarge { .. }) => {
+                OVERSIZED
+            }
             PipelineError::Config(_) => CONFIG,
             _ => RUNTIME,
         }
@@ -335,7 +365,7 @@ where
     let advanced = Arc::new(Notify::new());
     let stop_intake = Arc::new(AtomicBool::new(false));
     let intake_stopped = Arc::new(Notify::new());
-    let (tx, rx) = mpsc::channel::<Item>(cfg.channel_capacity);
+    let (tx, rx) = crate::queue::channel(cfg.channel_capacity, cfg.channel_bytes);
     let mut publisher = {
         let cfg = cfg.clone();
         let confirmed = confirmed.clone();
@@ -695,7 +725,7 @@ async fn initial_snapshot(
     export: &slot::Export,
     version: u32,
     describer: &mut dyn TableDescriber,
-    tx: &mpsc::Sender<Item>,
+    tx: &ItemSender,
     metrics: &Arc<Metrics>,
 ) -> Result<(), PipelineError> {
     let plan = crate::snapshot::initial::Plan {
@@ -804,6 +834,10 @@ fn truncate(s: &str) -> String {
     format!("{}...", &s[..end])
 }
 
+/// Room kept in a transaction message for its envelope (xid, LSN, time,
+/// part number) around the events.
+const TXN_ENVELOPE_BYTES: usize = 256;
+
 /// The publishing stage.
 struct Publisher<S: Sink> {
     sink: S,
@@ -819,6 +853,8 @@ struct Publisher<S: Sink> {
     encode: EncodeOptions,
     routing: Routing,
     max_events_per_message: usize,
+    max_message_bytes: usize,
+    on_oversized: OnOversized,
     on_decode_error: OnDecodeError,
     dead_letter_key: String,
     tables: TableCounterCache,
@@ -873,6 +909,8 @@ impl<S: Sink> Publisher<S> {
             encode: cfg.encode.clone(),
             routing: cfg.routing.clone(),
             max_events_per_message: cfg.max_events_per_message.max(1),
+            max_message_bytes: cfg.max_message_bytes,
+            on_oversized: cfg.on_oversized,
             on_decode_error: cfg.on_decode_error,
             dead_letter_key: dead_letter_key(&cfg.routing),
             tables: TableCounterCache::default(),
@@ -888,7 +926,7 @@ impl<S: Sink> Publisher<S> {
     /// shutdown) and every confirm is in.
     async fn run(
         &mut self,
-        mut rx: mpsc::Receiver<Item>,
+        mut rx: ItemReceiver,
         stop_intake: &AtomicBool,
         intake_stopped: &Notify,
     ) -> Result<(), PipelineError> {
@@ -930,7 +968,8 @@ impl<S: Sink> Publisher<S> {
                 }
                 item = rx.recv(), if can_take => {
                     match item {
-                        Some(item) => self.handle(item).await?,
+                        // The item's bytes go back to the reader once handled.
+                        Some(queued) => self.handle(queued.item).await?,
                         None => {
                             open = false;
                             self.flush_pending_writes().await?;
@@ -957,12 +996,9 @@ impl<S: Sink> Publisher<S> {
     /// (the commit of a transaction whose events are out, safe positions), so
     /// the final flush covers every transaction fully handed to the broker.
     /// Stops at the first item that would start new work.
-    async fn finish_published_work(
-        &mut self,
-        rx: &mut mpsc::Receiver<Item>,
-    ) -> Result<(), PipelineError> {
-        while let Ok(item) = rx.try_recv() {
-            match item {
+    async fn finish_published_work(&mut self, rx: &mut ItemReceiver) -> Result<(), PipelineError> {
+        while let Some(queued) = rx.try_recv() {
+            match queued.item {
                 Item::Commit { end_lsn } if self.granularity == Granularity::Row => {
                     self.flush_pending_writes().await?;
                     self.mark(end_lsn);
@@ -1094,6 +1130,9 @@ impl<S: Sink> Publisher<S> {
             Err(PipelineError::Encode(e)) => return self.publish_row_undecodable(ev, e).await,
             Err(e) => return Err(e),
         };
+        if body.len() > self.max_message_bytes {
+            return self.oversized(ev, body.len()).await;
+        }
         self.tables.record(&self.metrics, ev, body.len());
         let msg = self
             .routing
@@ -1216,12 +1255,10 @@ impl<S: Sink> Publisher<S> {
     }
 
     async fn add_to_txn(&mut self, ev: &ChangeEvent) -> Result<(), PipelineError> {
-        let full = self
-            .txn
-            .as_ref()
-            .is_some_and(|t| t.events as usize >= self.max_events_per_message);
-        if full {
-            self.flush_txn_part(false).await?;
+        // Whatever becomes of this event (added, dead-lettered, refused), an
+        // empty final part must not take its id.
+        if let Some(t) = self.txn.as_mut() {
+            t.next_seq = t.next_seq.max(ev.seq + 1);
         }
         let encoded = match self.encode_event(ev) {
             Ok(body) => body,
@@ -1240,6 +1277,20 @@ impl<S: Sink> Publisher<S> {
             },
             Err(e) => return Err(e),
         };
+        if encoded.len() + TXN_ENVELOPE_BYTES > self.max_message_bytes {
+            return self.oversized(ev, encoded.len() + TXN_ENVELOPE_BYTES).await;
+        }
+        // A part is full by events or by bytes (the broker refuses bodies over
+        // its max_message_size).
+        let full = self.txn.as_ref().is_some_and(|t| {
+            t.events as usize >= self.max_events_per_message
+                || (t.events > 0
+                    && t.body.len() + encoded.len() + 1 + TXN_ENVELOPE_BYTES
+                        > self.max_message_bytes)
+        });
+        if full {
+            self.flush_txn_part(false).await?;
+        }
         self.tables.record(&self.metrics, ev, encoded.len());
         let Some(t) = self.txn.as_mut() else {
             return Err(PipelineError::Internal(
@@ -1249,7 +1300,6 @@ impl<S: Sink> Publisher<S> {
         if t.first_seq.is_none() {
             t.first_seq = Some(ev.seq);
         }
-        t.next_seq = ev.seq + 1;
         match self.format {
             Format::Json => {
                 if t.events > 0 {
@@ -1261,6 +1311,86 @@ impl<S: Sink> Publisher<S> {
         }
         t.events += 1;
         Ok(())
+    }
+
+    /// `--on-oversized` for an event whose message would need `size` bytes.
+    async fn oversized(&mut self, ev: &ChangeEvent, size: usize) -> Result<(), PipelineError> {
+        let table = ev
+            .table
+            .as_ref()
+            .map_or_else(String::new, |t| t.relation.qualified_name());
+        let key = self.key_json(ev);
+        let dead_letter = self.on_oversized == OnOversized::DeadLetter;
+        self.metrics.oversized(dead_letter);
+        if !dead_letter {
+            return Err(PipelineError::Oversized {
+                message_id: ev.message_id(),
+                table,
+                key,
+                lsn: ev.lsn,
+                size,
+                limit: self.max_message_bytes,
+            });
+        }
+        tracing::warn!(message_id = %ev.message_id(), table = %table, key = %key, lsn = %ev.lsn, size, limit = self.max_message_bytes, routing_key = %self.dead_letter_key, "event too large: an envelope goes to the dead-letter key (--on-oversized=dead-letter)");
+        let mut body = Vec::with_capacity(512);
+        body.extend_from_slice(b"{\"error\":\"oversized\",\"size\":");
+        body.extend_from_slice(size.to_string().as_bytes());
+        body.extend_from_slice(b",\"limit\":");
+        body.extend_from_slice(self.max_message_bytes.to_string().as_bytes());
+        body.extend_from_slice(b",\"table\":");
+        json_str(&mut body, &table);
+        body.extend_from_slice(b",\"op\":");
+        json_str(&mut body, ev.op.code());
+        body.extend_from_slice(b",\"key\":");
+        body.extend_from_slice(key.as_bytes());
+        body.extend_from_slice(b",\"lsn\":\"");
+        body.extend_from_slice(ev.lsn.to_string().as_bytes());
+        body.extend_from_slice(b"\",\"commit_lsn\":\"");
+        body.extend_from_slice(ev.commit_lsn.to_string().as_bytes());
+        body.extend_from_slice(b"\",\"xid\":");
+        body.extend_from_slice(ev.xid.to_string().as_bytes());
+        body.extend_from_slice(b",\"message_id\":");
+        json_str(&mut body, &ev.message_id());
+        body.push(b'}');
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert("x-error".into(), HeaderValue::Str("oversized".into()));
+        headers.insert("x-table".into(), HeaderValue::Str(table));
+        headers.insert("x-lsn".into(), HeaderValue::Str(ev.lsn.to_string()));
+        headers.insert(
+            "x-commit-lsn".into(),
+            HeaderValue::Str(ev.commit_lsn.to_string()),
+        );
+        headers.insert("x-op".into(), HeaderValue::Str(ev.op.code().into()));
+        headers.insert("x-size".into(), HeaderValue::Int(size as i64));
+        let msg = OutgoingMessage {
+            routing_key: self.dead_letter_key.clone(),
+            body: Bytes::from(body),
+            message_id: ev.message_id(),
+            content_type: Format::Json.content_type(),
+            timestamp: crate::event::pg_timestamp_unix_secs(ev.commit_ts),
+            kind: "dead_letter".into(),
+            headers,
+        };
+        self.send(msg).await
+    }
+
+    /// The event's key as JSON (`null` without one), at most ~1 KB.
+    fn key_json(&self, ev: &ChangeEvent) -> String {
+        let mut full = Vec::new();
+        let key = match crate::event::encode_json_raw(ev, &self.encode, &mut full) {
+            Ok(_) => serde_json::from_slice::<serde_json::Value>(&full)
+                .ok()
+                .map(|v| v["key"].clone())
+                .unwrap_or(serde_json::Value::Null),
+            Err(_) => serde_json::Value::Null,
+        };
+        let text = key.to_string();
+        if text.len() > 1024 {
+            serde_json::Value::String(truncate(&text)).to_string()
+        } else {
+            text
+        }
     }
 
     /// Publishes the current part of a transaction (the last one with `final`).
@@ -1413,7 +1543,7 @@ mod tests {
             Arc::new(Notify::new()),
             metrics,
         );
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = crate::queue::channel(16, 1 << 20);
         tx.send(Item::Begin {
             xid: 7,
             commit_lsn: Lsn(0x2000),

@@ -617,7 +617,6 @@ fn emit_changes(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// The position a non-transactional logical message is ordered and
 /// identified by: the last byte of its own WAL record (`end - 1`).
 ///
@@ -630,6 +629,7 @@ pub fn standalone_message_position(end: Lsn) -> Lsn {
     Lsn(end.0.saturating_sub(1))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn message_event(
     lsn: Lsn,
     xid: u32,

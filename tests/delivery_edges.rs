@@ -199,15 +199,14 @@ async fn returned_messages_never_let_the_slot_pass_them() {
         sql
     };
     db.exec(&txns(0..501)).await;
-    let boundary: Option<String> = Some(
-        db.client
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0),
-    );
+    let boundary: String = db
+        .client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     db.exec(&txns(501..2000)).await;
-    let boundary = lsn_value(&boundary.unwrap());
+    let boundary = lsn_value(&boundary);
     // Sessions fail on the return and replay from the slot, again and again
     // (backoff from 0.5 s): each one is a chance for the bug.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -228,4 +227,124 @@ async fn returned_messages_never_let_the_slot_pass_them() {
     connector.kill9();
     consumer.delete().await;
     db.cleanup().await;
+}
+
+/// A broker that refuses large messages (`max_message_size`) closes the
+/// channel: before, that was a retryable error and the same message was
+/// replayed forever while the slot pinned WAL. Now: transaction parts are cut
+/// below `--max-message-bytes`; a single larger event stops the connector with
+/// exit code 6 (`--on-oversized=fail`), or becomes a dead-letter envelope that
+/// names its table, key and LSN while the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_too_large_for_the_broker_never_loop() {
+    if !common::broker::PrivateBroker::available() {
+        eprintln!("skipped: RabbitMQ is not installed (scripts/services.sh up installs it)");
+        return;
+    }
+    let broker = std::thread::spawn(common::broker::PrivateBroker::start)
+        .join()
+        .unwrap();
+    let limit = 65_536;
+    let out = broker.ctl(&[
+        "eval",
+        &format!("application:set_env(rabbit, max_message_size, {limit})."),
+    ]);
+    assert!(out.status.success(), "set max_message_size: {out:?}");
+    let amqp = broker.amqp_url();
+
+    let db = common::TestDb::create("edges_size").await;
+    db.exec("CREATE TABLE doc (id int PRIMARY KEY, body text)")
+        .await;
+    let exchange = "odoo.cdc";
+    let consumer =
+        common::broker::ResilientConsumer::start(&amqp, exchange, "edges_size", "#").await;
+
+    // 1. A broker limit below ours (default 16 MiB): one 100 KB row. The
+    //    session fails on the refusal and the process exits 6, instead of
+    //    replaying it forever.
+    let mut args = common::run_args(&db, exchange, &amqp);
+    args.extend(["--snapshot", "never"]);
+    let mut first = Proc::spawn(&args, &[]);
+    common::wait_for_slot(&db).await;
+    let start = db.confirmed_flush_lsn(&db.name).await.unwrap();
+    db.exec("INSERT INTO doc VALUES (1, repeat('x', 100000))")
+        .await;
+    let code = wait_exit(&mut first, WAIT);
+    assert_eq!(code, Some(6), "a refused size is fatal with exit code 6");
+    assert_eq!(
+        db.confirmed_flush_lsn(&db.name).await.unwrap(),
+        start,
+        "nothing moved past the refused event"
+    );
+
+    // 2. Our limit under the broker's, transaction granularity: a transaction
+    //    of 40 rows of 5 KB is cut into parts that each fit; the 100 KB row
+    //    follows --on-oversized (here: fail, exit 6, nothing lost).
+    let max = (limit - 1024).to_string();
+    let mut txn_args = args.clone();
+    txn_args.extend(["--granularity", "transaction", "--max-message-bytes", &max]);
+    let mut second = Proc::spawn(&txn_args, &[]);
+    assert_eq!(wait_exit(&mut second, WAIT), Some(6), "oversized: fail");
+
+    // 3. Dead-letter: the envelope names table, key and LSN; the stream goes on.
+    txn_args.extend(["--on-oversized", "dead-letter"]);
+    let mut third = Proc::spawn(&txn_args, &[]);
+    db.exec(
+        "BEGIN; INSERT INTO doc SELECT g, repeat('y', 5000) FROM generate_series(2, 41) g; COMMIT;",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let (envelope, parts) = loop {
+        let got = consumer.snapshot();
+        let envelope = got.iter().find(|d| d.routing_key.ends_with(".dead_letter"));
+        let parts: Vec<_> = got
+            .iter()
+            .filter(|d| d.routing_key.ends_with(".transaction"))
+            .collect();
+        let rows: usize = parts
+            .iter()
+            .map(|d| d.json()["events"].as_array().unwrap().len())
+            .sum();
+        if let Some(e) = envelope
+            && rows >= 40
+        {
+            break (
+                e.json(),
+                parts.iter().map(|d| d.body.len()).collect::<Vec<_>>(),
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no envelope and 40 rows: {} deliveries",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(envelope["error"], "oversized");
+    assert_eq!(envelope["table"], "public.doc");
+    assert_eq!(envelope["key"], serde_json::json!({"id": 1}));
+    assert!(envelope["lsn"].as_str().is_some() && envelope["size"].as_u64().unwrap() > 100_000);
+    assert!(
+        parts.len() >= 4,
+        "40 rows of 5 KB need several parts: {parts:?}"
+    );
+    assert!(
+        parts.iter().all(|&n| n <= limit - 1024),
+        "every part fits under --max-message-bytes: {parts:?}"
+    );
+    third.terminate();
+    drop(consumer);
+    db.cleanup().await;
+}
+
+fn wait_exit(p: &mut Proc, limit: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.kill9();
+    None
 }

@@ -100,6 +100,12 @@ pub enum SinkError {
     ConfirmTimeout { message_id: String, timeout_ms: u64 },
     #[error("broker connection or channel closed: {0}")]
     Closed(String),
+    /// The broker closed the channel because a message exceeded its
+    /// `max_message_size`: replaying would be refused the same way.
+    #[error(
+        "the broker refused a message for its size ({reason}): set --max-message-bytes at or below the broker's max_message_size (oversized events then follow --on-oversized)"
+    )]
+    TooLarge { reason: String },
     #[error("broker error during {during}: {reason}")]
     Broker {
         during: &'static str,
@@ -114,13 +120,24 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// A closed channel or connection, told apart from the broker refusing a
+    /// message for its size (RabbitMQ closes the channel with
+    /// `PRECONDITION_FAILED - message size N is larger than configured max size M`).
+    pub fn closed(reason: String) -> SinkError {
+        if reason.contains("larger than configured max size") {
+            SinkError::TooLarge { reason }
+        } else {
+            SinkError::Closed(reason)
+        }
+    }
+
     /// Every sink failure is worth a reconnect, except a broker that refuses our
     /// topology or credentials, or a message AMQP cannot carry: that needs an
     /// operator.
     pub fn is_retryable(&self) -> bool {
         match self {
             SinkError::Connect { reason, .. } => !reason.contains("ACCESS_REFUSED"),
-            SinkError::Invalid { .. } => false,
+            SinkError::Invalid { .. } | SinkError::TooLarge { .. } => false,
             _ => true,
         }
     }

@@ -261,7 +261,7 @@ impl RabbitSink {
             // Refused before any frame was queued: the channel or connection is gone.
             Poll::Ready(Err(SinkError::Closed(reason))) => {
                 let cause = self.last_error.lock().ok().and_then(|e| e.clone());
-                Err(SinkError::Closed(match cause {
+                Err(SinkError::closed(match cause {
                     Some(cause) if !reason.contains(&cause) => format!("{reason} (after: {cause})"),
                     _ => reason,
                 }))

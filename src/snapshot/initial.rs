@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::mpsc;
 
 use super::catalog::{self, TableSpec};
 use super::copy_text::CopyRows;
@@ -21,6 +20,7 @@ use crate::event::{ChangeEvent, Op, TableInfo};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pipeline::Item;
+use crate::queue::ItemSender;
 use crate::replication::{PgConfig, quote_literal};
 use crate::transaction::TableDescriber;
 
@@ -47,7 +47,7 @@ struct Job {
 pub(crate) async fn run(
     plan: &Plan,
     describer: &mut dyn TableDescriber,
-    tx: &mpsc::Sender<Item>,
+    tx: &ItemSender,
     metrics: &Arc<Metrics>,
 ) -> Result<u64, SnapshotError> {
     let started = Instant::now();
@@ -140,7 +140,7 @@ async fn open(plan: &Plan) -> Result<tokio_postgres::Client, SnapshotError> {
 async fn worker(
     plan: &Plan,
     queue: Arc<Mutex<VecDeque<Job>>>,
-    tx: mpsc::Sender<Item>,
+    tx: ItemSender,
     metrics: Arc<Metrics>,
     ts: i64,
 ) -> Result<u64, SnapshotError> {
@@ -164,7 +164,7 @@ async fn copy_table(
     consistent_point: Lsn,
     ts: i64,
     job: &Job,
-    tx: &mpsc::Sender<Item>,
+    tx: &ItemSender,
     metrics: &Metrics,
 ) -> Result<u64, SnapshotError> {
     let spec = &job.spec;

@@ -184,6 +184,6 @@ pub(crate) fn from_lapin(during: &'static str, error: &lapin::Error) -> SinkErro
             during,
             reason: error.to_string(),
         },
-        _ => SinkError::Closed(format!("{during}: {error}")),
+        _ => SinkError::closed(format!("{during}: {error}")),
     }
 }
