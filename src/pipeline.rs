@@ -1492,6 +1492,15 @@ mod tests {
 
     /// `public.line(id int4 key, qty int4)` with `qty` = "abc": not an integer.
     fn bad_event(seq: u32) -> ChangeEvent {
+        line_event(seq, b"abc")
+    }
+
+    fn line_event(seq: u32, qty: &'static [u8]) -> ChangeEvent {
+        typed_line_event(seq, 23, qty)
+    }
+
+    /// `public.line(id int4 key, qty <qty_type>)`.
+    fn typed_line_event(seq: u32, qty_type: u32, qty: &'static [u8]) -> ChangeEvent {
         let rel = Arc::new(Relation::new(
             16400,
             "public",
@@ -1499,7 +1508,7 @@ mod tests {
             ReplicaIdentity::Default,
             vec![
                 Column::new("id", 23, -1, true),
-                Column::new("qty", 23, -1, false),
+                Column::new("qty", qty_type, -1, false),
             ],
         ));
         ChangeEvent {
@@ -1515,7 +1524,7 @@ mod tests {
             new: Some(TupleData {
                 columns: vec![
                     ColumnValue::Text(Bytes::from_static(b"1")),
-                    ColumnValue::Text(Bytes::from_static(b"abc")),
+                    ColumnValue::Text(Bytes::from_static(qty)),
                 ],
             }),
             truncate_options: 0,
@@ -1532,18 +1541,26 @@ mod tests {
         let mut cfg = SessionConfig::new("postgres://u@localhost/odoo".parse().unwrap(), "s", "p");
         cfg.on_decode_error = policy;
         cfg.granularity = granularity;
+        publish_transaction(&cfg, vec![bad_event(0)]).await
+    }
+
+    /// One transaction of `events` through a publisher.
+    async fn publish_transaction(
+        cfg: &SessionConfig,
+        events: Vec<ChangeEvent>,
+    ) -> (Result<(), PipelineError>, Vec<OutgoingMessage>, Lsn) {
         let sink = RecordingSink::default();
         let confirmed = Arc::new(AtomicU64::new(0x100));
         let metrics = Arc::new(Metrics::new());
         let mut p = Publisher::new(
-            &cfg,
+            cfg,
             sink.clone(),
             Lsn(0x100),
             confirmed.clone(),
             Arc::new(Notify::new()),
             metrics,
         );
-        let (tx, rx) = crate::queue::channel(16, 1 << 20);
+        let (tx, rx) = crate::queue::channel(1024, 1 << 24);
         tx.send(Item::Begin {
             xid: 7,
             commit_lsn: Lsn(0x2000),
@@ -1551,7 +1568,9 @@ mod tests {
         })
         .await
         .ok();
-        tx.send(Item::Event(bad_event(0))).await.ok();
+        for ev in events {
+            tx.send(Item::Event(ev)).await.ok();
+        }
         tx.send(Item::Commit {
             end_lsn: Lsn(0x2010),
         })
@@ -1561,6 +1580,82 @@ mod tests {
         let r = p.run(rx, &AtomicBool::new(false), &Notify::new()).await;
         let sent = sink.0.lock().unwrap().clone();
         (r, sent, Lsn(confirmed.load(Ordering::Acquire)))
+    }
+
+    /// Parts of two events; the third event goes to the dead-letter key. No
+    /// two messages may share an id (an empty final part once took the
+    /// dead-lettered event's).
+    #[tokio::test]
+    async fn every_message_of_a_transaction_has_its_own_id() {
+        let mut cfg = SessionConfig::new("postgres://u@localhost/odoo".parse().unwrap(), "s", "p");
+        cfg.on_decode_error = OnDecodeError::DeadLetter;
+        cfg.granularity = Granularity::Transaction;
+        cfg.max_events_per_message = 2;
+        for events in [
+            vec![line_event(0, b"1"), line_event(1, b"2"), bad_event(2)],
+            vec![
+                line_event(0, b"1"),
+                line_event(1, b"2"),
+                line_event(2, b"3"),
+                bad_event(3),
+            ],
+            vec![bad_event(0), line_event(1, b"2"), bad_event(2)],
+        ] {
+            let (r, sent, safe) = publish_transaction(&cfg, events).await;
+            r.unwrap();
+            assert_eq!(safe, Lsn(0x2010));
+            let ids: std::collections::HashSet<&str> =
+                sent.iter().map(|m| m.message_id.as_str()).collect();
+            assert_eq!(
+                ids.len(),
+                sent.len(),
+                "ids repeat: {:?}",
+                sent.iter().map(|m| &m.message_id).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    /// Parts are cut by bytes as well as events; one event over the limit
+    /// fails with its table, key and LSN (exit 6) or becomes an envelope.
+    #[tokio::test]
+    async fn transaction_parts_stay_under_the_message_size_limit() {
+        let mut cfg = SessionConfig::new("postgres://u@localhost/odoo".parse().unwrap(), "s", "p");
+        cfg.granularity = Granularity::Transaction;
+        cfg.max_message_bytes = 4096;
+        let events: Vec<ChangeEvent> = (0..100).map(|i| line_event(i, b"12345")).collect();
+        let (r, sent, _) = publish_transaction(&cfg, events).await;
+        r.unwrap();
+        assert!(sent.len() > 1, "100 events do not fit in 4 KiB");
+        assert!(sent.iter().all(|m| m.body.len() <= 4096));
+        let total: usize = sent
+            .iter()
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+                v["events"].as_array().unwrap().len()
+            })
+            .sum();
+        assert_eq!(total, 100);
+
+        static BIG: [u8; 8000] = [b'7'; 8000];
+        let big = || vec![typed_line_event(0, 25, &BIG)];
+        let (r, _, safe) = publish_transaction(&cfg, big()).await;
+        let e = r.unwrap_err();
+        assert_eq!(e.exit_code(), exit_code::OVERSIZED);
+        let text = e.to_string();
+        assert!(
+            text.contains("public.line") && text.contains("{\"id\":1}"),
+            "{text}"
+        );
+        assert_eq!(safe, Lsn(0x100), "the slot holds");
+
+        cfg.on_oversized = OnOversized::DeadLetter;
+        let (r, sent, safe) = publish_transaction(&cfg, big()).await;
+        r.unwrap();
+        assert_eq!(safe, Lsn(0x2010));
+        assert_eq!(sent.len(), 1);
+        let v: serde_json::Value = serde_json::from_slice(&sent[0].body).unwrap();
+        assert_eq!(v["error"], "oversized");
+        assert_eq!(v["key"], serde_json::json!({"id": 1}));
     }
 
     #[tokio::test]

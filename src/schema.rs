@@ -100,7 +100,7 @@ impl Column {
 pub struct Relation {
     /// Relation OID (the key changes refer to).
     pub oid: u32,
-    /// Schema (namespace) name; pgoutput sends an empty string for `pg_catalog`.
+    /// Schema (namespace) name; `pg_catalog` where pgoutput sends an empty string.
     pub schema: String,
     /// Table name.
     pub table: String,

@@ -238,7 +238,7 @@ impl Assembler {
                 namespace,
                 name,
                 ..
-            } => self.cache.upsert_type(oid, namespace, name),
+            } => self.cache.upsert_type(oid, wire_namespace(namespace), name),
             Message::Insert { .. }
             | Message::Update { .. }
             | Message::Delete { .. }
@@ -393,7 +393,7 @@ impl Assembler {
                 namespace,
                 name,
                 ..
-            } => self.cache.upsert_type(oid, namespace, name),
+            } => self.cache.upsert_type(oid, wire_namespace(namespace), name),
             Message::Insert { xid, .. }
             | Message::Update { xid, .. }
             | Message::Delete { xid, .. }
@@ -660,11 +660,21 @@ fn message_event(
     }
 }
 
+/// pgoutput sends the namespace of `pg_catalog` as an empty string
+/// (`logicalrep_write_namespace`); events name it.
+fn wire_namespace(namespace: String) -> String {
+    if namespace.is_empty() {
+        "pg_catalog".to_string()
+    } else {
+        namespace
+    }
+}
+
 /// The relation cache's view of a Relation message.
 pub fn relation_from_wire(body: RelationBody) -> Relation {
     Relation {
         oid: body.oid,
-        schema: body.namespace,
+        schema: wire_namespace(body.namespace),
         table: body.name,
         replica_identity: match body.replica_identity {
             pgoutput::ReplicaIdentity::Default => ReplicaIdentity::Default,
@@ -683,5 +693,25 @@ pub fn relation_from_wire(body: RelationBody) -> Relation {
                 type_modifier: c.type_modifier,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// pgoutput writes `pg_catalog` as an empty namespace; events must name it.
+    #[test]
+    fn the_empty_wire_namespace_is_pg_catalog() {
+        let body = |namespace: &str| RelationBody {
+            xid: None,
+            oid: 1259,
+            namespace: namespace.into(),
+            name: "pg_class".into(),
+            replica_identity: pgoutput::ReplicaIdentity::Default,
+            columns: Vec::new(),
+        };
+        assert_eq!(relation_from_wire(body("")).schema, "pg_catalog");
+        assert_eq!(relation_from_wire(body("sales")).schema, "sales");
     }
 }
