@@ -199,6 +199,12 @@ impl PipelineError {
             PipelineError::Sink(e) => e.is_retryable(),
             PipelineError::Snapshot(e) => e.is_retryable(),
             PipelineError::StreamEnded | PipelineError::WalsenderSilent(_) => true,
+            // A spill file that cannot be written (a full disk, ENOSPC) is the
+            // machine's state, not the data's: the session starts over from
+            // the slot once space is back, and the error names the spill.
+            PipelineError::Assemble(AssembleError::Spill(crate::spill::SpillError::Io {
+                ..
+            })) => true,
             // A value that cannot be encoded will fail again on replay.
             PipelineError::Encode(_) | PipelineError::Assemble(_) => false,
             // The same event would be refused again.
@@ -459,6 +465,7 @@ where
         options.push(("streaming", "on".to_string()));
     }
     let opts: Vec<(&str, &str)> = options.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let status_interval = status_period(&mut client, cfg.status_interval).await;
     let stream = client
         .start_logical_replication(&cfg.slot, start, &opts)
         .await?;
@@ -476,13 +483,13 @@ where
     let stop_status = Arc::new(Notify::new());
 
     // Status task: owns the write half.
-    let status_task = {
+    let mut status_task = {
         let confirmed = confirmed.clone();
         let advanced = advanced.clone();
         let reply_now = reply_now.clone();
         let ping = ping.clone();
         let stop_status = stop_status.clone();
-        let interval = cfg.status_interval;
+        let interval = status_interval;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut last_sent = Lsn(0);
@@ -539,6 +546,8 @@ where
     // asking for a reply); the other half: the connection is dead.
     let half_timeout = cfg.replication_timeout / 2;
     let mut shutting_down = false;
+    // Set when the status task ended before the session did.
+    let mut status_early = None;
     let read_result: Result<(), PipelineError> = async {
         // Hands an item to the publisher; gives up at once on shutdown (even
         // while the publisher pushes back) or when the publisher has stopped.
@@ -572,6 +581,17 @@ where
                 // The publisher stopped (its error is the one to report): do
                 // not wait for the next WAL message to find out.
                 _ = tx.closed() => return Ok(()),
+                // Without status updates the walsender times us out and the
+                // slot stops advancing: end the session at once instead.
+                r = &mut status_task, if status_early.is_none() => {
+                    let e = match &r {
+                        Ok(Err(e)) => PipelineError::Internal(format!("the standby status task failed: {e}")),
+                        Ok(Ok(_)) => PipelineError::Internal("the standby status task ended early".into()),
+                        Err(join) => PipelineError::Internal(format!("the standby status task failed: {join}")),
+                    };
+                    status_early = Some(r);
+                    return Err(e);
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     if silent_since_ping {
                         return Err(PipelineError::WalsenderSilent(cfg.replication_timeout));
@@ -690,11 +710,16 @@ where
         }
     };
     stop_status.notify_one();
-    let mut status_task = status_task;
-    let status_result = tokio::time::timeout(Duration::from_secs(10), &mut status_task).await;
-    if status_result.is_err() {
-        status_task.abort();
-    }
+    let status_result = match status_early {
+        Some(r) => Ok(r),
+        None => {
+            let r = tokio::time::timeout(Duration::from_secs(10), &mut status_task).await;
+            if r.is_err() {
+                status_task.abort();
+            }
+            r
+        }
+    };
     drop(reader);
     read_result?;
     publish_result?;
@@ -709,6 +734,37 @@ where
     Ok(Stopped::Shutdown {
         confirmed: final_lsn,
     })
+}
+
+/// How often the standby status goes out: the configured interval, but at
+/// most a third of the server's `wal_sender_timeout`. While the reader is held
+/// back (a slow broker, a `tail` pipe nobody reads) it does not read the
+/// walsender's keepalive requests, so only these periodic updates keep the
+/// walsender from closing the connection as timed out.
+async fn status_period(client: &mut ReplicationClient, configured: Duration) -> Duration {
+    let timeout_ms = match client
+        .simple_query("SELECT setting FROM pg_settings WHERE name = 'wal_sender_timeout'")
+        .await
+    {
+        Ok(rows) => rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|v| v.parse::<u64>().ok()),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read wal_sender_timeout; using --status-interval-secs");
+            None
+        }
+    };
+    status_period_for(configured, timeout_ms)
+}
+
+fn status_period_for(configured: Duration, wal_sender_timeout_ms: Option<u64>) -> Duration {
+    match wal_sender_timeout_ms {
+        Some(ms) if ms > 0 => configured
+            .min(Duration::from_millis(ms / 3))
+            .max(Duration::from_millis(100)),
+        _ => configured,
+    }
 }
 
 fn publication_list(cfg: &SessionConfig) -> Vec<String> {
@@ -1656,6 +1712,37 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&sent[0].body).unwrap();
         assert_eq!(v["error"], "oversized");
         assert_eq!(v["key"], serde_json::json!({"id": 1}));
+    }
+
+    #[test]
+    fn status_updates_go_out_well_within_wal_sender_timeout() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(status_period_for(ten, Some(60_000)), ten);
+        assert_eq!(
+            status_period_for(ten, Some(5_000)),
+            Duration::from_millis(1666)
+        );
+        assert_eq!(status_period_for(ten, Some(0)), ten, "0 = no timeout");
+        assert_eq!(status_period_for(ten, None), ten);
+        assert_eq!(status_period_for(ten, Some(1)), Duration::from_millis(100));
+    }
+
+    /// A full disk under the spill directory is retried (the slot holds the
+    /// data), not reported as bad data.
+    #[test]
+    fn a_spill_write_failure_is_retryable_and_named() {
+        let e = PipelineError::Assemble(AssembleError::Spill(crate::spill::SpillError::Io {
+            xid: 42,
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        }));
+        assert!(e.is_retryable());
+        let text = e.to_string();
+        assert!(text.contains("spill") && text.contains("42"), "{text}");
+        let corrupt =
+            PipelineError::Assemble(AssembleError::Spill(crate::spill::SpillError::Corrupt {
+                xid: 42,
+            }));
+        assert!(!corrupt.is_retryable());
     }
 
     #[tokio::test]

@@ -240,7 +240,9 @@ fn read_u32(r: &mut dyn Read) -> io::Result<u32> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpillError {
-    #[error("spill file of streamed transaction {xid}: {source}")]
+    #[error(
+        "writing or reading the spill file of streamed transaction {xid} (under --spill-dir): {source}; the session restarts from the slot"
+    )]
     Io {
         xid: u32,
         #[source]

@@ -348,3 +348,184 @@ fn wait_exit(p: &mut Proc, limit: Duration) -> Option<i32> {
     p.kill9();
     None
 }
+
+/// `tail` with its stdout in a pipe, read by a thread that first sleeps
+/// `pause` (a reader that went away for a while), then counts lines and
+/// collects the ids of row events. stderr goes to a file.
+struct PipedTail {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ids: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stderr: std::path::PathBuf,
+}
+
+impl PipedTail {
+    fn start(url: &str, extra: &[&str], pause: Duration) -> PipedTail {
+        use std::io::BufRead;
+        let stderr = std::env::temp_dir().join(common::unique_name("tail_stderr"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_odoo-cdc"))
+            .args([
+                "tail",
+                "--source",
+                url,
+                "--slot",
+                "s",
+                "--publication",
+                "p",
+                "--create-slot",
+                "--snapshot",
+                "never",
+            ])
+            .args(extra)
+            .env("ODOO_CDC_LOG", "info,lapin=error")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn odoo-cdc tail");
+        let out = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (l, i) = (lines.clone(), ids.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(pause);
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                // Cheap id extraction: commit_lsn and seq are in "source".
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["op"] == "c"
+                {
+                    i.lock().unwrap().push(format!(
+                        "{}-{}",
+                        v["source"]["commit_lsn"].as_str().unwrap_or(""),
+                        v["source"]["seq"]
+                    ));
+                }
+                l.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        PipedTail {
+            child,
+            lines,
+            ids,
+            stderr,
+        }
+    }
+
+    fn wait_lines(&self, n: u64, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if self.lines.load(std::sync::atomic::Ordering::Relaxed) >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for PipedTail {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+fn assert_no_replication_timeout(cluster: &PrivateCluster, tail: &PipedTail) {
+    let pg_log = cluster.log();
+    assert!(
+        !pg_log.contains("replication timeout"),
+        "the walsender timed the connector out:\n{pg_log}"
+    );
+    let log = tail.log();
+    assert!(
+        !log.contains("session failed"),
+        "the session failed:\n{log}"
+    );
+}
+
+/// `wal_sender_timeout = 5s` and a `tail` whose reader goes away for 30 s
+/// with a backlog: the pipe fills, the connector is held back, yet it keeps
+/// answering the walsender: no timeout, no session failure, no replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stdout_reader_never_times_the_walsender_out() {
+    let cluster = PrivateCluster::start(&[("wal_sender_timeout", "'5s'")]);
+    let url = cluster.url("postgres");
+    let admin = pg(&url).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION p FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    let tail = PipedTail::start(&url, &[], Duration::from_secs(30));
+    let deadline = std::time::Instant::now() + WAIT;
+    while confirmed_flush(&admin, "s").await.is_none() {
+        assert!(std::time::Instant::now() < deadline, "no slot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 20,000 rows of ~300-byte lines: far more than the pipe and our buffers.
+    for k in 0..20 {
+        admin
+            .batch_execute(&format!(
+                "INSERT INTO t SELECT g, repeat('v', 100) FROM generate_series({}, {}) g",
+                k * 1000 + 1,
+                k * 1000 + 1000
+            ))
+            .await
+            .unwrap();
+    }
+    assert!(
+        tail.wait_lines(20_000, Duration::from_secs(30) + WAIT),
+        "only {} lines",
+        tail.lines.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert_no_replication_timeout(&cluster, &tail);
+    let ids = tail.ids.lock().unwrap().clone();
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), 20_000);
+    assert_eq!(ids.len(), 20_000, "no replay: the session never restarted");
+}
+
+/// `wal_sender_timeout = 5s` and a streamed transaction of a million rows
+/// that spills to disk (64 kB of decoding memory on the server, 1 MiB of
+/// buffer in the connector): the connector keeps answering while it spills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spilling_a_huge_streamed_transaction_never_times_the_walsender_out() {
+    let cluster = PrivateCluster::start(&[
+        ("wal_sender_timeout", "'5s'"),
+        ("logical_decoding_work_mem", "'64kB'"),
+    ]);
+    let url = cluster.url("postgres");
+    let admin = pg(&url).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION p FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    let tail = PipedTail::start(&url, &["--stream-memory-mb", "1"], Duration::ZERO);
+    let deadline = std::time::Instant::now() + WAIT;
+    while confirmed_flush(&admin, "s").await.is_none() {
+        assert!(std::time::Instant::now() < deadline, "no slot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = 1_000_000u64;
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .unwrap();
+    assert!(
+        tail.wait_lines(rows, Duration::from_secs(300)),
+        "only {} of {rows} lines",
+        tail.lines.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert_no_replication_timeout(&cluster, &tail);
+    assert_eq!(tail.ids.lock().unwrap().len() as u64, rows, "no replay");
+}
