@@ -145,7 +145,7 @@ pub struct ChangeEvent {
     /// 0-based ordinal of the change within its transaction. It counts every
     /// change Postgres sent for the transaction, including those of tables a
     /// filter drops, so ids do not shift when filters change.
-    pub seq: u32,
+    pub seq: u64,
     pub snapshot: bool,
     pub old: Option<OldTuple>,
     pub new: Option<TupleData>,
@@ -159,16 +159,18 @@ impl ChangeEvent {
     /// replay of the same WAL, so consumers deduplicate on it.
     ///
     /// Snapshot reads use `<LSN>-r<table OID, 8 hex>-<row ordinal, 10 digits>`
-    /// (see [`crate::snapshot`]): never equal to a stream id.
+    /// (see [`crate::snapshot`]): never equal to a stream id. Past
+    /// 9,999,999,999 rows the ordinal is `9999999999+<20 digits>` (unique and
+    /// sorted, like [`message_id`]).
     pub fn message_id(&self) -> String {
         if self.snapshot {
             let oid = self.table.as_ref().map_or(0, |t| t.relation.oid);
-            return format!(
-                "{}-r{:08X}-{:010}",
-                self.commit_lsn.to_fixed_hex(),
-                oid,
-                self.seq
-            );
+            let lsn = self.commit_lsn.to_fixed_hex();
+            return if self.seq <= 9_999_999_999 {
+                format!("{lsn}-r{oid:08X}-{:010}", self.seq)
+            } else {
+                format!("{lsn}-r{oid:08X}-9999999999+{:020}", self.seq)
+            };
         }
         message_id(self.commit_lsn, self.seq)
     }
@@ -186,8 +188,16 @@ impl ChangeEvent {
     }
 }
 
-pub fn message_id(commit_lsn: Lsn, seq: u32) -> String {
-    format!("{}-{:08}", commit_lsn.to_fixed_hex(), seq)
+/// `<commit_lsn hex16>-<seq>`: `seq` with 8 digits, as it always was, up to
+/// 99,999,999 changes in one transaction; past that `99999999+<seq, 20
+/// digits>`, which sorts after every shorter id of the same transaction and in
+/// order among themselves, so ids stay unique and sortable at any size.
+pub fn message_id(commit_lsn: Lsn, seq: u64) -> String {
+    if seq <= 99_999_999 {
+        format!("{}-{:08}", commit_lsn.to_fixed_hex(), seq)
+    } else {
+        format!("{}-99999999+{:020}", commit_lsn.to_fixed_hex(), seq)
+    }
 }
 
 /// A value could not be encoded: names where it came from. Boxed, so the
@@ -276,7 +286,7 @@ pub fn encode_json(
     out.extend_from_slice(b",\"commit_ts\":\"");
     write_pg_timestamp(ev.commit_ts, out);
     out.extend_from_slice(b"\",\"seq\":");
-    write_u64(u64::from(ev.seq), out);
+    write_u64(ev.seq, out);
     out.extend_from_slice(if ev.snapshot {
         b",\"snapshot\":true}"
     } else {
@@ -823,5 +833,21 @@ mod tests {
     #[test]
     fn message_ids_are_fixed_width() {
         assert_eq!(message_id(Lsn(0x16B37A0), 3), "00000000016B37A0-00000003");
+        // Past 8 digits: still unique and in order as plain strings.
+        let ids: Vec<String> = [
+            0,
+            99_999_998,
+            99_999_999,
+            100_000_000,
+            100_000_001,
+            u64::MAX,
+        ]
+        .iter()
+        .map(|&s| message_id(Lsn(0x16B37A0), s))
+        .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted);
+        assert_eq!(ids[3], "00000000016B37A0-99999999+00000000000100000000");
     }
 }

@@ -935,9 +935,9 @@ struct TxnBatch {
     commit_lsn: Lsn,
     commit_ts: i64,
     part: u32,
-    first_seq: Option<u32>,
+    first_seq: Option<u64>,
     /// Sequence number after the last event added, for an empty final part's id.
-    next_seq: u32,
+    next_seq: u64,
     events: u32,
     body: Vec<u8>,
 }
@@ -1547,16 +1547,16 @@ mod tests {
     }
 
     /// `public.line(id int4 key, qty int4)` with `qty` = "abc": not an integer.
-    fn bad_event(seq: u32) -> ChangeEvent {
+    fn bad_event(seq: u64) -> ChangeEvent {
         line_event(seq, b"abc")
     }
 
-    fn line_event(seq: u32, qty: &'static [u8]) -> ChangeEvent {
+    fn line_event(seq: u64, qty: &'static [u8]) -> ChangeEvent {
         typed_line_event(seq, 23, qty)
     }
 
     /// `public.line(id int4 key, qty <qty_type>)`.
-    fn typed_line_event(seq: u32, qty_type: u32, qty: &'static [u8]) -> ChangeEvent {
+    fn typed_line_event(seq: u64, qty_type: u32, qty: &'static [u8]) -> ChangeEvent {
         let rel = Arc::new(Relation::new(
             16400,
             "public",
@@ -1570,7 +1570,7 @@ mod tests {
         ChangeEvent {
             op: crate::event::Op::Insert,
             table: Some(Arc::new(TableInfo::plain(rel))),
-            lsn: Lsn(0x1000 + u64::from(seq)),
+            lsn: Lsn(0x1000 + seq),
             commit_lsn: Lsn(0x2000),
             xid: 7,
             commit_ts: 0,

@@ -93,7 +93,7 @@ struct OpenTxn {
     xid: u32,
     commit_lsn: Lsn,
     commit_ts: i64,
-    next_seq: u32,
+    next_seq: u64,
 }
 
 struct ActiveReplay {
@@ -102,7 +102,7 @@ struct ActiveReplay {
     commit_lsn: Lsn,
     end_lsn: Lsn,
     commit_ts: i64,
-    next_seq: u32,
+    next_seq: u64,
 }
 
 pub struct Assembler {
@@ -261,7 +261,7 @@ impl Assembler {
                     &mut self.ready,
                 );
                 if let Some(open) = self.open.as_mut() {
-                    open.next_seq += n;
+                    open.next_seq += u64::from(n);
                 }
             }
             Message::LogicalMessage {
@@ -495,7 +495,7 @@ impl Assembler {
                         seq,
                         &mut self.ready,
                     );
-                    active.next_seq += n;
+                    active.next_seq += u64::from(n);
                     if let Some(out) = self.ready.pop_front() {
                         return Ok(Some(out));
                     }
@@ -553,10 +553,10 @@ fn emit_changes(
     xid: u32,
     commit_lsn: Lsn,
     commit_ts: i64,
-    first_seq: u32,
+    first_seq: u64,
     out: &mut VecDeque<Output>,
 ) -> u32 {
-    let base = |op: Op, table: Arc<TableInfo>, seq: u32| ChangeEvent {
+    let base = |op: Op, table: Arc<TableInfo>, seq: u64| ChangeEvent {
         op,
         table: Some(table),
         lsn,
@@ -607,7 +607,7 @@ fn emit_changes(
         Message::Truncate { options, .. } => {
             let n = tables.len() as u32;
             for (i, t) in tables.into_iter().enumerate() {
-                let mut ev = base(Op::Truncate, t, first_seq + i as u32);
+                let mut ev = base(Op::Truncate, t, first_seq + i as u64);
                 ev.truncate_options = options;
                 push(ev);
             }
@@ -635,7 +635,7 @@ fn message_event(
     xid: u32,
     commit_lsn: Lsn,
     commit_ts: i64,
-    seq: u32,
+    seq: u64,
     transactional: bool,
     prefix: String,
     content: Bytes,

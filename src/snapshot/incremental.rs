@@ -557,7 +557,7 @@ impl Active {
                 commit_lsn: high.commit_lsn,
                 xid: 0,
                 commit_ts: high.commit_ts,
-                seq: (c.first_ordinal + i as u64) as u32,
+                seq: c.first_ordinal + i as u64,
                 snapshot: true,
                 old: None,
                 new: Some(row.clone()),

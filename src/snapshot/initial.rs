@@ -209,7 +209,7 @@ async fn copy_table(
                 commit_lsn: consistent_point,
                 xid: 0,
                 commit_ts: ts,
-                seq: n as u32,
+                seq: n,
                 snapshot: true,
                 old: None,
                 new: Some(tuple),
