@@ -31,10 +31,10 @@ use crate::config::{QueueType as CfgQueueType, Settings, Unroutable};
 use crate::metrics::{CircuitState, Metrics};
 use crate::pipeline::{PipelineError, Stopped, run_session};
 use crate::retention::RetentionConfig;
-use crate::slot::SlotError;
 use crate::sink::rabbitmq::{QueueSpec, QueueType, RabbitConfig, RabbitSink, UnroutablePolicy};
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{Sink, SinkError};
+use crate::slot::SlotError;
 
 /// A session that streamed at least this long counts as healthy: its failure
 /// starts the backoff from the beginning again.

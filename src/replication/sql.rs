@@ -42,10 +42,9 @@ pub async fn connect(cfg: &PgConfig) -> Result<tokio_postgres::Client, Replicati
             } else {
                 PgSslMode::Require
             });
-            let (client, connection) =
-                bounded(cfg, pg.connect(MakeRustlsConnect::new(tls_config)))
-                    .await?
-                    .map_err(|e| connect_error(cfg, e))?;
+            let (client, connection) = bounded(cfg, pg.connect(MakeRustlsConnect::new(tls_config)))
+                .await?
+                .map_err(|e| connect_error(cfg, e))?;
             spawn_connection(connection);
             client
         }
