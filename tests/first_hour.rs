@@ -384,3 +384,106 @@ esac
     let last = stdout.lines().last().unwrap_or_default();
     assert_eq!(last, "tests: 8 passed, 1 failed", "{stdout}");
 }
+
+/// Whether `declare` (a passive declare) finds the object; a fresh channel
+/// each time, since a failed passive declare closes the channel.
+async fn broker_has(kind: &str, name: &str) -> bool {
+    use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let (conn, ch) = common::amqp::channel().await;
+    let found = if kind == "queue" {
+        let opts = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.queue_declare(name.into(), opts, FieldTable::default())
+            .await
+            .is_ok()
+    } else {
+        let opts = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Topic,
+            opts,
+            FieldTable::default(),
+        )
+        .await
+        .is_ok()
+    };
+    let _ = conn.close(0, "done".into()).await;
+    found
+}
+
+/// `scripts/demo.sh stop` removes what a demo leaves behind: its exchange and
+/// queues, its slot, its database (with the publication) and its files. Under
+/// a name of its own (DEMO_NAME), so a demo someone is running is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_stop_removes_everything_the_demo_created() {
+    let name = unique_name("fh_demo");
+    let admin = common::connect(&common::pg_admin_url()).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (_, host) = common::pg_base();
+    let (creds, _) = common::pg_base();
+    let db = common::connect(&format!("postgres://{creds}@{host}/{name}")).await;
+    // Two statements: a slot cannot be created in a transaction that wrote.
+    db.batch_execute(&format!("CREATE PUBLICATION {name} FOR ALL TABLES"))
+        .await
+        .unwrap();
+    db.batch_execute(&format!(
+        "SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"
+    ))
+    .await
+    .unwrap();
+    drop(db);
+    // The order service's queue and the connector's --queue, bound to the demo's exchange.
+    for queue in [format!("{name}_orders"), format!("{name}_order_service")] {
+        let c = common::amqp::consume(&name, &queue, "#").await;
+        let _ = c.conn.close(0, "done".into()).await;
+    }
+    assert!(broker_has("queue", &format!("{name}_orders")).await);
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("demo");
+    std::fs::create_dir(&demo_dir).unwrap();
+    for f in ["odoo-cdc.log", "orders.sqlite", "sample-events.jsonl"] {
+        std::fs::write(demo_dir.join(f), "x").unwrap();
+    }
+
+    let out = Command::new("timeout")
+        .args(["120", "bash"])
+        .arg(format!("{}/scripts/demo.sh", env!("CARGO_MANIFEST_DIR")))
+        .arg("stop")
+        .env("DEMO_NAME", &name)
+        .env("DEMO_DIR", &demo_dir)
+        .output()
+        .expect("run scripts/demo.sh stop");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+
+    let row = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_database WHERE datname = $1)
+                  + (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 0, "database or slot left: {log}");
+    for queue in [format!("{name}_orders"), format!("{name}_order_service")] {
+        assert!(
+            !broker_has("queue", &queue).await,
+            "queue {queue} left: {log}"
+        );
+    }
+    assert!(!broker_has("exchange", &name).await, "exchange left: {log}");
+    assert!(!demo_dir.exists(), "{} left: {log}", demo_dir.display());
+}
