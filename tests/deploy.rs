@@ -42,17 +42,22 @@ fn exported() -> BTreeMap<String, Vec<String>> {
     out
 }
 
+/// The first `odoo_cdc_*` name in `text` and the text after it.
+fn next_name(text: &str) -> Option<(&str, &str)> {
+    let tail = &text[text.find("odoo_cdc_")?..];
+    let end = tail
+        .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        .unwrap_or(tail.len());
+    Some(tail.split_at(end))
+}
+
 /// Every `odoo_cdc_*` name in `text`.
 fn names_in(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut rest = text;
-    while let Some(i) = rest.find("odoo_cdc_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
-            .unwrap_or(tail.len());
-        out.insert(tail[..end].to_string());
-        rest = &tail[end..];
+    while let Some((name, after)) = next_name(rest) {
+        out.insert(name.to_string());
+        rest = after;
     }
     out
 }
@@ -61,13 +66,7 @@ fn names_in(text: &str) -> BTreeSet<String> {
 fn matchers(expr: &str) -> Vec<(String, String, Vec<String>)> {
     let mut out = Vec::new();
     let mut rest = expr;
-    while let Some(i) = rest.find("odoo_cdc_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
-            .unwrap_or(tail.len());
-        let name = &tail[..end];
-        let after = &tail[end..];
+    while let Some((name, after)) = next_name(rest) {
         if let Some(body) = after.strip_prefix('{') {
             let close = body.find('}').expect("unclosed selector");
             for m in body[..close].split(',') {
@@ -124,7 +123,9 @@ fn dashboard_exprs() -> Vec<String> {
         serde_json::from_str(&read("deploy/grafana/odoo-cdc.json")).expect("dashboard is JSON");
     let mut out = Vec::new();
     for panel in dash["panels"].as_array().expect("panels") {
-        let targets = panel["targets"].as_array().expect("every panel has targets");
+        let targets = panel["targets"]
+            .as_array()
+            .expect("every panel has targets");
         assert!(!targets.is_empty(), "{}", panel["title"]);
         for t in targets {
             out.push(t["expr"].as_str().expect("expr").to_string());

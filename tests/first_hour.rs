@@ -428,8 +428,7 @@ async fn demo_stop_removes_everything_the_demo_created() {
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .unwrap();
-    let (_, host) = common::pg_base();
-    let (creds, _) = common::pg_base();
+    let (creds, host) = common::pg_base();
     let db = common::connect(&format!("postgres://{creds}@{host}/{name}")).await;
     // Two statements: a slot cannot be created in a transaction that wrote.
     db.batch_execute(&format!("CREATE PUBLICATION {name} FOR ALL TABLES"))
