@@ -38,8 +38,8 @@ step "docker/ and README offline checks" cargo test --test docker --test readme
 # so the fault-injection binary never overlaps others (it stops and alarms only its
 # own private PostgreSQL cluster and RabbitMQ node, see tests/common).
 : >target/test-results.log
-step "cargo test" bash -c 'cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-results.log'
-step "cargo test --doc" bash -c 'cargo test --doc --no-fail-fast 2>&1 | tee -a target/test-results.log'
+step "cargo test" bash -c 'set -o pipefail; cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-results.log'
+step "cargo test --doc" bash -c 'set -o pipefail; cargo test --doc --no-fail-fast 2>&1 | tee -a target/test-results.log'
 if command -v promtool >/dev/null 2>&1; then
     step "promtool check rules" promtool check rules deploy/prometheus/alerts.yml
 else

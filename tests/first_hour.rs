@@ -331,9 +331,10 @@ fn run_help_groups_its_options_and_marks_required_and_repeatable_ones() {
     assert!(!line("--slot").contains("(required)"), "{help}");
 }
 
-/// `scripts/test.sh` with a stand-in `cargo` on PATH: two test binaries, the
-/// first failing. Every binary must run (`--no-fail-fast`), the summary line
-/// must be printed, and the script must still fail.
+/// `scripts/test.sh` with a stand-in `cargo` on PATH: clippy fails, and of two
+/// test binaries the first fails. Every step and binary must run
+/// (`--no-fail-fast`), the summary line must be printed, and the script must
+/// still fail.
 #[test]
 fn test_script_runs_every_binary_and_always_prints_its_summary() {
     let dir = tempfile::tempdir().unwrap();
@@ -341,7 +342,7 @@ fn test_script_runs_every_binary_and_always_prints_its_summary() {
     std::fs::write(
         &fake,
         r#"#!/usr/bin/env bash
-# Only `cargo test` with several targets matters here; everything else passes.
+# clippy fails; `cargo test` with several targets reports one failing binary; the rest passes.
 case "$*" in
   *--all-targets*--no-fail-fast*|*--no-fail-fast*--all-targets*)
     echo "test result: FAILED. 3 passed; 1 failed; 0 ignored"
@@ -351,6 +352,9 @@ case "$*" in
     exit 101 ;;
   test*--all-targets*)
     echo "test result: FAILED. 3 passed; 1 failed; 0 ignored"
+    exit 101 ;;
+  clippy*)
+    echo "error: a lint"
     exit 101 ;;
   *) exit 0 ;;
 esac
@@ -383,6 +387,11 @@ esac
     );
     let last = stdout.lines().last().unwrap_or_default();
     assert_eq!(last, "tests: 8 passed, 1 failed", "{stdout}");
+    // A failed step that is not a test (a lint) is named, and stops nothing.
+    assert!(
+        stdout.contains("failed steps: cargo clippy cargo test"),
+        "{stdout}"
+    );
 }
 
 /// Whether `declare` (a passive declare) finds the object; a fresh channel
