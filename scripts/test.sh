@@ -42,8 +42,9 @@ step "cargo test" bash -c 'set -o pipefail; cargo test --all-targets --no-fail-f
 step "cargo test --doc" bash -c 'set -o pipefail; cargo test --doc --no-fail-fast 2>&1 | tee -a target/test-results.log'
 if command -v promtool >/dev/null 2>&1; then
     step "promtool check rules" promtool check rules deploy/prometheus/alerts.yml
+    step "promtool test rules" promtool test rules deploy/prometheus/alerts.test.yml
 else
-    echo "== promtool check rules: skipped, promtool is not installed (apt-get install prometheus)"
+    echo "== promtool check/test rules: skipped, promtool is not installed (apt-get install prometheus)"
 fi
 
 results=target/test-results.log
