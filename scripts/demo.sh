@@ -5,31 +5,43 @@
 #
 #   scripts/demo.sh                     # ~30 s of orders, then leaves odoo-cdc and the order service running
 #   DEMO_SECONDS=10 scripts/demo.sh     # non-interactive (CI): stops both itself, exit 0
+#   scripts/demo.sh stop                # stop what a demo left running and remove all it created
 #
 # Knobs: DEMO_SECONDS (workload duration, default 30), DEMO_RATE (orders/s, default 20,
 # 0 = as fast as possible), DEMO_DIR (logs, default target/demo), DEMO_PORT (the order
-# service's HTTP port, default 18080).
+# service's HTTP port, default 18080), DEMO_NAME (database, slot, exchange and queue
+# name prefix, default odoo_demo).
 #
 # What it does: starts the local services (scripts/services.sh up), recreates the
 # database odoo_demo (dropping a leftover slot of that name), builds the connector,
 # the workload and the order service in release mode, starts the order service (its
 # own quorum queue bound to sale_order, sale_order_line and res_partner events, a
 # SQLite file, HTTP on DEMO_PORT), then
-#   odoo-cdc run ... --queue odoo_demo_orders --queue-type quorum
+#   odoo-cdc run ... --exchange odoo_demo --queue odoo_demo_orders --queue-type quorum
 #                    --queue-binding 'odoo_demo.public.sale_order.*'
 #                    --queue-binding 'odoo_demo.public.sale_order_line.*'
 # in the background, loads the Odoo schema, runs the workload, and prints a progress
 # line every 2 s. At the end the queue must hold exactly one message per
 # sale_order/sale_order_line row the workload changed, and the order service's copy
 # must equal the database (orders, lines, partners); the script fails otherwise.
+# After the workload it prints the slot's lag every 2 s until the connector has
+# caught up. Everything goes through the demo's own exchange (odoo_demo), never
+# the default odoo.cdc other programs on the broker may use.
+#
+# `scripts/demo.sh stop` removes everything a demo created: the connector and
+# the order service (by their recorded pids), the queues, the exchange, the
+# slots, the database odoo_demo (with its publication) and the files in DEMO_DIR.
+# The services themselves stay up (scripts/services.sh down removes them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DB=odoo_demo
-SLOT=odoo_demo
-QUEUE=odoo_demo_orders
-PEEK_SLOT=odoo_demo_peek
-SERVICE_QUEUE=odoo_demo_order_service
+# Every name the demo creates derives from DEMO_NAME (default odoo_demo).
+DB="${DEMO_NAME:-odoo_demo}"
+SLOT="$DB"
+EXCHANGE="$DB"
+QUEUE="${DB}_orders"
+PEEK_SLOT="${DB}_peek"
+SERVICE_QUEUE="${DB}_order_service"
 PORT="${DEMO_PORT:-18080}"
 DURATION="${DEMO_SECONDS:-30}"
 RATE="${DEMO_RATE:-20}"
@@ -41,14 +53,23 @@ if [ -t 1 ]; then B=$'\033[1m' N=$'\033[0m'; else B='' N=''; fi
 say() { printf '%s[demo]%s %s\n' "$B" "$N" "$*"; }
 die() { printf '[demo] error: %s\n' "$*" >&2; exit 1; }
 
+case "$DB" in '' | *[!a-z0-9_]* | [0-9]*) die "DEMO_NAME must be a lower-case SQL identifier (letters, digits, _)" ;; esac
 case "$DURATION" in '' | *[!0-9]*) die "DEMO_SECONDS must be a whole number of seconds" ;; esac
 case "$RATE" in '' | *[!0-9]*) die "DEMO_RATE must be a whole number of orders per second" ;; esac
 case "$PORT" in '' | *[!0-9]*) die "DEMO_PORT must be a port number" ;; esac
 [ "$DURATION" -gt 0 ] || die "DEMO_SECONDS must be at least 1"
+case "${1:-}" in
+  '' | stop) ;;
+  *) die "usage: scripts/demo.sh [stop]" ;;
+esac
 
-say "starting PostgreSQL (wal_level=logical) and RabbitMQ"
-scripts/services.sh up
-eval "$(scripts/services.sh env)"
+if [ "${1:-}" = stop ]; then
+  eval "$(scripts/services.sh env)"
+else
+  say "starting PostgreSQL (wal_level=logical) and RabbitMQ"
+  scripts/services.sh up
+  eval "$(scripts/services.sh env)"
+fi
 ADMIN_URL="$ODOO_CDC_TEST_PG"
 SOURCE="${ADMIN_URL%/*}/$DB"
 AMQP="$ODOO_CDC_TEST_AMQP"
@@ -62,6 +83,37 @@ queue_depth() {
 service() { curl -fsS --max-time 10 "http://127.0.0.1:$PORT$1"; }
 # One number out of the service's /stats JSON (no jq needed).
 stat_of() { printf '%s' "$1" | grep -o "\"$2\":[0-9]*" | grep -o '[0-9]*$' || echo 0; }
+
+# The broker objects of a demo (queues, then the exchange they were bound to).
+remove_broker_objects() {
+  timeout 30 rabbitmqctl -q delete_queue "$QUEUE" >/dev/null 2>&1 || true
+  timeout 30 rabbitmqctl -q delete_queue "$SERVICE_QUEUE" >/dev/null 2>&1 || true
+  if command -v rabbitmqadmin >/dev/null 2>&1; then
+    timeout 30 rabbitmqadmin -q delete exchange name="$EXCHANGE" >/dev/null 2>&1 || true
+  else
+    say "rabbitmqadmin not found: exchange $EXCHANGE left on the broker (delete it in the management UI)"
+  fi
+}
+
+# Drops the demo's slots (any walsender still streaming one is terminated first;
+# a logical slot of the database blocks DROP DATABASE).
+drop_slots() {
+  psql_admin -c "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                 WHERE (slot_name IN ('$SLOT', '$PEEK_SLOT') OR database = '$DB') AND active_pid IS NOT NULL" >/dev/null
+  local left=1
+  for _ in $(seq 1 50); do
+    left="$(psql_admin -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name IN ('$SLOT', '$PEEK_SLOT') OR database = '$DB'")"
+    [ "$left" = 0 ] && break
+    psql_admin -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                   WHERE (slot_name IN ('$SLOT', '$PEEK_SLOT') OR database = '$DB') AND NOT active" >/dev/null || true
+    sleep 0.2
+  done
+  [ "$left" = 0 ] || die "could not drop replication slot $SLOT (still active?)"
+}
+
+# The files a demo writes into DEMO_DIR.
+DEMO_FILES="odoo-cdc.log odoo-cdc.pid order_consumer.log order_consumer.pid peek.log
+  sample-events.jsonl workload.json workload.log orders.sqlite orders.sqlite-wal orders.sqlite-shm"
 
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
@@ -83,19 +135,20 @@ stop_earlier() { # pidfile, name in its command line
 stop_earlier odoo-cdc.pid odoo-cdc
 stop_earlier order_consumer.pid order_consumer
 
+if [ "${1:-}" = stop ]; then
+  say "removing queues $QUEUE, $SERVICE_QUEUE and exchange $EXCHANGE"
+  remove_broker_objects
+  say "dropping slots $SLOT, $PEEK_SLOT and database $DB (with publication $DB)"
+  drop_slots
+  psql_admin -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
+  for f in $DEMO_FILES; do rm -f "$DIR/$f"; done
+  rmdir "$DIR" 2>/dev/null || true
+  say "done: nothing of the demo is left (the services stay up: scripts/services.sh down removes them)"
+  exit 0
+fi
+
 say "recreating database $DB"
-# Any walsender still streaming the slot must go before the slot can be dropped,
-# and a logical slot of the database blocks DROP DATABASE.
-psql_admin -c "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-               WHERE (slot_name = '$SLOT' OR database = '$DB') AND active_pid IS NOT NULL" >/dev/null
-for _ in $(seq 1 50); do
-  left="$(psql_admin -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$SLOT' OR database = '$DB'")"
-  [ "$left" = 0 ] && break
-  psql_admin -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                 WHERE (slot_name = '$SLOT' OR database = '$DB') AND NOT active" >/dev/null || true
-  sleep 0.2
-done
-[ "$left" = 0 ] || die "could not drop replication slot $SLOT (still active?)"
+drop_slots
 psql_admin -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 # The schema is loaded after the connector starts (so the seed rows flow as events):
 # the publication must cover tables that do not exist yet, hence FOR ALL TABLES,
@@ -103,8 +156,7 @@ psql_admin -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB
 # keeping tables without a primary key out: see "Filters and the Odoo profile".)
 psql_db -c "CREATE PUBLICATION $DB FOR ALL TABLES"
 # The queue of an earlier run would make the counts below meaningless.
-timeout 30 rabbitmqctl -q delete_queue "$QUEUE" >/dev/null 2>&1 || true
-timeout 30 rabbitmqctl -q delete_queue "$SERVICE_QUEUE" >/dev/null 2>&1 || true
+remove_broker_objects
 rm -f "$DIR/orders.sqlite" "$DIR/orders.sqlite-wal" "$DIR/orders.sqlite-shm"
 
 say "building odoo-cdc, the workload and the order service (release)"
@@ -129,7 +181,7 @@ trap 'exit 130' INT TERM
 # The order service first: it declares its queue, so no order event is published
 # before something is bound to keep it. It never connects to PostgreSQL.
 say "starting the order service (examples/order_consumer.rs, log: $DIR/order_consumer.log)"
-nohup "$CONSUMER" --amqp "$AMQP" --prefix "$DB" --queue "$SERVICE_QUEUE" --queue-type quorum \
+nohup "$CONSUMER" --amqp "$AMQP" --exchange "$EXCHANGE" --prefix "$DB" --queue "$SERVICE_QUEUE" --queue-type quorum \
   --sqlite "$DIR/orders.sqlite" --listen "127.0.0.1:$PORT" >"$DIR/order_consumer.log" 2>&1 &
 CONSUMER_PID=$!
 echo "$CONSUMER_PID" >"$DIR/order_consumer.pid"
@@ -144,7 +196,7 @@ say "starting odoo-cdc run (log: $DIR/odoo-cdc.log)"
 # The other tables' events are unroutable by design here, and the connector warns
 # once per dropped event: keep that module to errors so the log stays readable.
 NO_COLOR=1 ODOO_CDC_LOG="${ODOO_CDC_LOG:-info,lapin=error,odoo_cdc::sink::rabbitmq::confirm=error}" nohup "$CDC" run \
-  --source "$SOURCE" --amqp "$AMQP" \
+  --source "$SOURCE" --amqp "$AMQP" --exchange "$EXCHANGE" \
   --slot "$SLOT" --publication "$DB" --create-slot \
   --queue "$QUEUE" --queue-type quorum \
   --queue-binding "$DB.public.sale_order.*" --queue-binding "$DB.public.sale_order_line.*" \
@@ -214,12 +266,20 @@ wl_secs_ns=$(( $(date +%s%N) - start_ns ))
 # passes it only once RabbitMQ has confirmed every one of those events.
 end_lsn="$(psql_admin -c "SELECT pg_current_wal_lsn()")"
 caught_ns=""
-for _ in $(seq 1 600); do
+# Catch-up progress: how much WAL up to the workload's end is not confirmed yet.
+behind() {
+  psql_admin -c "SELECT CASE WHEN confirmed_flush_lsn >= '$end_lsn' THEN 'caught up'
+                        ELSE pg_size_pretty(pg_wal_lsn_diff('$end_lsn', confirmed_flush_lsn)) END
+                 FROM pg_replication_slots WHERE slot_name = '$SLOT'"
+}
+say "workload finished at LSN $end_lsn; waiting for odoo-cdc to catch up (slot lag: $(behind))"
+for i in $(seq 1 600); do
   kill -0 "$CDC_PID" 2>/dev/null || { tail -n 20 "$DIR/odoo-cdc.log" >&2; die "odoo-cdc exited"; }
   if [ "$(psql_admin -c "SELECT confirmed_flush_lsn >= '$end_lsn' FROM pg_replication_slots WHERE slot_name = '$SLOT'")" = t ]; then
     caught_ns=$(( $(date +%s%N) - start_ns ))
     break
   fi
+  [ $((i % 20)) = 0 ] && say "t=$(elapsed)s  catching up: slot lag $(behind) to the workload's end, queue $QUEUE: $(queue_depth) events"
   sleep 0.1
 done
 [ -n "$caught_ns" ] || die "the slot did not reach $end_lsn within 60 s of the workload's end"
@@ -309,11 +369,11 @@ if [ -n "$UNATTENDED" ]; then
   wait "$CONSUMER_PID" || true
   CONSUMER_PID=""
   rm -f "$DIR/order_consumer.pid"
-  timeout 30 rabbitmqctl -q delete_queue "$SERVICE_QUEUE" >/dev/null 2>&1 || true
+  remove_broker_objects
   # An idle slot pins WAL on the cluster for as long as it exists: nobody will resume
   # this one. The database stays for inspection.
-  psql_admin -c "SELECT pg_drop_replication_slot('$SLOT')" >/dev/null
-  say "dropped slot $SLOT; database $DB is left for inspection"
+  drop_slots
+  say "removed queues $QUEUE, $SERVICE_QUEUE, exchange $EXCHANGE and slot $SLOT; database $DB and $DIR are left for inspection (scripts/demo.sh stop removes them)"
   exit "$status"
 fi
 
@@ -328,8 +388,8 @@ odoo-cdc (pid $CDC_RUNNING) streams every change of $DB; the order service
   more orders:   $WORKLOAD --source $SOURCE --orders 1000 --rate 50 --progress
   read orders:   curl http://127.0.0.1:$PORT/orders/$order_id ; curl http://127.0.0.1:$PORT/stats
   watch it:      tail -f $DIR/odoo-cdc.log ; rabbitmqctl list_queues name messages
-  stop them:     kill $CDC_RUNNING $CONSUMER_RUNNING
-  drop its slot: psql $ADMIN_URL -c "SELECT pg_drop_replication_slot('$SLOT')"   (else it pins WAL)
+  stop it all:   scripts/demo.sh stop   (both programs, queues, exchange $EXCHANGE, slot, database, $DIR;
+                                          until then the slot pins WAL)
   stop services: scripts/services.sh down
 EOF
 exit "$status"

@@ -6,6 +6,13 @@ use std::process::ExitCode;
 use crate::cli::{Invocation, SlotAction};
 use crate::config::Settings;
 
+/// Whether text logs get ANSI colours: only on a terminal, and never when
+/// `NO_COLOR` is set to a non-empty value (<https://no-color.org>). Log files,
+/// journald and container log drivers get plain text.
+pub fn log_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -63,10 +70,7 @@ pub async fn main(invocation: Invocation) -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("odoo-cdc: {e}");
-                    ExitCode::from(1)
-                }
+                Err(e) => fail(crate::pipeline::PipelineError::Snapshot(e)),
             }
         }
     }
@@ -78,9 +82,28 @@ async fn slot_command(action: SlotAction, settings: &Settings) -> ExitCode {
             println!("{report}");
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("odoo-cdc: {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => fail(crate::pipeline::PipelineError::Slot(e)),
+    }
+}
+
+/// A one-shot command's failure: the same message and exit code `run` gives
+/// for the same condition (README, "Operations").
+fn fail(e: crate::pipeline::PipelineError) -> ExitCode {
+    eprintln!("odoo-cdc: {e}");
+    ExitCode::from(e.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_colour;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(log_colour(true, None));
+        assert!(log_colour(true, Some(OsStr::new(""))));
+        assert!(!log_colour(true, Some(OsStr::new("1"))));
+        assert!(!log_colour(false, None));
+        assert!(!log_colour(false, Some(OsStr::new("1"))));
     }
 }

@@ -79,19 +79,77 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
         .collect()
 }
 
+/// `--help` headings, in the order they are shown.
+pub const HEADINGS: &[&str] = &[
+    "Source (PostgreSQL)",
+    "Slot & publication",
+    "Broker (RabbitMQ)",
+    "Selection",
+    "Snapshot",
+    "Delivery",
+    "Operations",
+];
+
+/// The `--help` heading an option is listed under (one of [`HEADINGS`]).
+pub fn heading(key: &str) -> &'static str {
+    match key {
+        "source" | "no_streaming" | "status_interval_secs" | "replication_timeout_secs" => {
+            "Source (PostgreSQL)"
+        }
+        "slot"
+        | "publication"
+        | "create_slot"
+        | "temporary"
+        | "create_publication"
+        | "publication_mode"
+        | "insert_only_tables_without_key" => "Slot & publication",
+        "amqp" | "exchange" | "no_declare" | "queue" | "queue_type" | "queue_binding"
+        | "routing_prefix" | "routing_template" | "unroutable" => "Broker (RabbitMQ)",
+        "include" | "exclude" | "exclude_column" | "profile" | "translation_lang" => "Selection",
+        "snapshot" | "snapshot_workers" | "snapshot_chunk_rows" => "Snapshot",
+        "granularity"
+        | "format"
+        | "window"
+        | "max_events_per_message"
+        | "confirm_timeout_secs"
+        | "on_decode_error"
+        | "stream_memory_mb"
+        | "spill_dir" => "Delivery",
+        _ => "Operations",
+    }
+}
+
+/// Options a command cannot start without (from a flag, the environment or the file).
+fn required_for(cmd: &str, key: &str) -> bool {
+    key == "source" || (cmd == "run" && key == "amqp")
+}
+
+/// Accepted only to be refused with a reason (see [`refuse_temporary`]), so
+/// not offered in `--help`.
+fn hidden_for(cmd: &str, key: &str) -> bool {
+    key == "temporary" && cmd != "tail"
+}
+
 fn with_options(mut cmd: Command, name: &str) -> Command {
-    cmd = cmd.arg(
-        Arg::new("config")
-            .long("config")
-            .value_name("FILE")
-            .value_parser(clap::value_parser!(PathBuf))
-            .help("TOML file with option keys (flags win over the file, the file over ODOO_CDC_* variables)"),
-    );
-    for (key, kind, help) in options_for(name) {
+    // clap shows headings in the order their first option was added.
+    let mut options = options_for(name);
+    options.sort_by_key(|(key, _, _)| HEADINGS.iter().position(|h| *h == heading(key)));
+    for (key, kind, help) in options {
         let long: &'static str = Box::leak(key.replace('_', "-").into_boxed_str());
         let env = format!("ODOO_CDC_{}", key.to_ascii_uppercase());
-        let help = format!("{help}  [env: {env}]");
-        let arg = Arg::new(*key).long(long).help(help);
+        let mut marks = String::new();
+        if required_for(name, key) {
+            marks.push_str("(required) ");
+        }
+        if *kind == Kind::List {
+            marks.push_str("(repeatable) ");
+        }
+        let help = format!("{marks}{help}  [env: {env}]");
+        let arg = Arg::new(*key)
+            .long(long)
+            .help(help)
+            .help_heading(heading(key))
+            .hide(hidden_for(name, key));
         let arg = match kind {
             Kind::Flag => arg.action(ArgAction::SetTrue),
             Kind::Single => arg.action(ArgAction::Set).value_name("VALUE"),
@@ -99,7 +157,39 @@ fn with_options(mut cmd: Command, name: &str) -> Command {
         };
         cmd = cmd.arg(arg);
     }
-    cmd
+    cmd.arg(
+        Arg::new("config")
+            .long("config")
+            .value_name("FILE")
+            .value_parser(clap::value_parser!(PathBuf))
+            .help_heading("Operations")
+            .help("TOML file with option keys (flags win over ODOO_CDC_* variables, the variables over the file)"),
+    )
+}
+
+/// A temporary slot is dropped when its connection ends. `tail` may use one (a
+/// throwaway look at the stream); `run` reconnects after every failure and
+/// would silently restart from "now", losing what happened in between; `slot
+/// create` would print "created" for a slot that is gone when it exits.
+fn refuse_temporary(
+    raw: &RawOptions,
+    settings: &Settings,
+    command: &'static str,
+) -> Result<(), ConfigError> {
+    if !settings.temporary {
+        return Ok(());
+    }
+    let reason = match command {
+        "run" => {
+            "a temporary slot is dropped at every reconnect, losing the changes in between; \
+             `run` needs a permanent slot (--create-slot creates one). --temporary is for `tail` only"
+        }
+        _ => {
+            "`slot create` makes a permanent slot (a temporary one would be dropped as soon as \
+             this command exits); for a throwaway slot use `odoo-cdc tail --temporary`"
+        }
+    };
+    Err(raw.not_for("temporary", command, reason))
 }
 
 pub fn command() -> Command {
@@ -190,6 +280,9 @@ where
     Ok(Ok(match name {
         "tail" => Invocation::Tail(settings),
         "run" => {
+            if let Err(e) = refuse_temporary(&raw, &settings, "run") {
+                return Ok(Err(e));
+            }
             if settings.amqp.is_none() {
                 return Ok(Err(ConfigError::Missing {
                     key: "amqp",
@@ -206,6 +299,11 @@ where
                 Some("drop") => SlotAction::Drop,
                 _ => SlotAction::Status,
             };
+            if action == SlotAction::Create
+                && let Err(e) = refuse_temporary(&raw, &settings, "slot create")
+            {
+                return Ok(Err(e));
+            }
             Invocation::Slot(action, settings)
         }
         "snapshot" => {

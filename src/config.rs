@@ -1,5 +1,5 @@
-//! Layered configuration: command-line flags, then a TOML file (`--config`), then
-//! `ODOO_CDC_*` environment variables, then defaults — flags win.
+//! Layered configuration: command-line flags, then `ODOO_CDC_*` environment
+//! variables, then a TOML file (`--config`), then defaults — flags win.
 //!
 //! Two phases, nothing opened before the second ends: every source is first
 //! collected as raw text per option key ([`RawOptions`]), then parsed and
@@ -289,6 +289,13 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {reason}")]
     File { path: PathBuf, reason: String },
+    #[error("`{key}` ({origin}) cannot be used with `odoo-cdc {command}`: {reason}")]
+    NotFor {
+        key: &'static str,
+        origin: String,
+        command: &'static str,
+        reason: &'static str,
+    },
 }
 
 fn origin_text(key: &str, o: &Origin) -> String {
@@ -300,13 +307,26 @@ fn origin_text(key: &str, o: &Origin) -> String {
 }
 
 impl RawOptions {
-    /// Layers the sources: flags over file over environment.
+    /// Layers the sources: flags over environment over file (over defaults).
+    /// The environment beats the file so that a deployment (container,
+    /// systemd unit) can override one key of a shared config file.
     pub fn layered(
         flags: Vec<(&'static str, Vec<String>)>,
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let mut raw = RawOptions::default();
+        if let Some(path) = file {
+            for (key, values) in read_file(path)? {
+                raw.map.insert(
+                    key,
+                    RawValue {
+                        values,
+                        origin: Origin::File(path.to_path_buf()),
+                    },
+                );
+            }
+        }
         for (key, kind, _) in OPTIONS {
             let name = format!("ODOO_CDC_{}", key.to_ascii_uppercase());
             if let Some(v) = env(&name) {
@@ -327,17 +347,6 @@ impl RawOptions {
                 );
             }
         }
-        if let Some(path) = file {
-            for (key, values) in read_file(path)? {
-                raw.map.insert(
-                    key,
-                    RawValue {
-                        values,
-                        origin: Origin::File(path.to_path_buf()),
-                    },
-                );
-            }
-        }
         for (key, values) in flags {
             raw.map.insert(
                 key,
@@ -350,6 +359,29 @@ impl RawOptions {
         Ok(raw)
     }
 
+    /// Refuses an option that was given (by any source) but makes no sense
+    /// for `command`.
+    pub fn not_for(
+        &self,
+        key: &'static str,
+        command: &'static str,
+        reason: &'static str,
+    ) -> ConfigError {
+        ConfigError::NotFor {
+            key,
+            origin: self.origin(key),
+            command,
+            reason,
+        }
+    }
+
+    fn origin(&self, key: &'static str) -> String {
+        self.map
+            .get(key)
+            .map(|r| origin_text(key, &r.origin))
+            .unwrap_or_else(|| "default".into())
+    }
+
     fn get(&self, key: &'static str) -> Option<(&str, &RawValue)> {
         self.map
             .get(key)
@@ -357,14 +389,9 @@ impl RawOptions {
     }
 
     fn invalid(&self, key: &'static str, reason: impl Into<String>) -> ConfigError {
-        let origin = self
-            .map
-            .get(key)
-            .map(|r| origin_text(key, &r.origin))
-            .unwrap_or_else(|| "default".into());
         ConfigError::Invalid {
             key,
-            origin,
+            origin: self.origin(key),
             reason: reason.into(),
         }
     }
@@ -908,10 +935,10 @@ mod tests {
     }
 
     #[test]
-    fn flags_beat_file_beat_env() {
+    fn flags_beat_env_beat_file_beat_defaults() {
         let r = raw(
             vec![("slot", "from_flag")],
-            Some("slot = \"from_file\"\nwindow = 10\nsource = \"postgres://u@h/db\"\n"),
+            Some("slot = \"from_file\"\nwindow = 10\nqueue = \"q_file\"\nsource = \"postgres://u@h/db\"\n"),
             &[
                 ("ODOO_CDC_SLOT", "from_env"),
                 ("ODOO_CDC_WINDOW", "20"),
@@ -921,8 +948,10 @@ mod tests {
         .unwrap();
         let s = Settings::from_raw(&r).unwrap();
         assert_eq!(s.slot, "from_flag");
-        assert_eq!(s.window, 10);
+        assert_eq!(s.window, 20);
         assert_eq!(s.exchange, "ex_env");
+        assert_eq!(s.queue.as_deref(), Some("q_file"));
+        assert_eq!(s.confirm_timeout, Duration::from_secs(30));
         assert_eq!(s.routing.prefix, "db");
     }
 

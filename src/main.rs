@@ -67,8 +67,14 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ODOO_CDC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=error"));
+    use std::io::IsTerminal as _;
+    let colour = odoo_cdc::app::log_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -246,17 +246,22 @@ pub async fn command(
                 created.slot_name, created.output_plugin, created.consistent_point
             ))
         }
-        SlotAction::Drop => {
-            client.drop_slot(&settings.slot, false).await?;
-            Ok(format!("dropped slot {}", settings.slot))
-        }
+        SlotAction::Drop => match client.drop_slot(&settings.slot, false).await {
+            Ok(_) => Ok(format!("dropped slot {}", settings.slot)),
+            // undefined_object: the same message (and exit code) as `run` and `status`.
+            Err(e) if e.sqlstate() == Some("42704") => Err(SlotError::Missing {
+                slot: settings.slot.clone(),
+                db: settings.source.dbname.clone(),
+            }),
+            Err(e) => Err(e.into()),
+        },
         SlotAction::Status => {
             let rows = client
                 .simple_query(&format!(
                     "SELECT slot_name, plugin, active, active_pid, restart_lsn, confirmed_flush_lsn, \
                      wal_status, pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), \
                      pg_size_pretty(safe_wal_size) \
-                     FROM pg_replication_slots WHERE slot_name = {}",
+                     FROM pg_replication_slots WHERE slot_name = {} AND database = current_database()",
                     quote_literal(&settings.slot)
                 ))
                 .await?;

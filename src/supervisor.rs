@@ -34,6 +34,7 @@ use crate::retention::RetentionConfig;
 use crate::sink::rabbitmq::{QueueSpec, QueueType, RabbitConfig, RabbitSink, UnroutablePolicy};
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{Sink, SinkError};
+use crate::slot::SlotError;
 
 /// A session that streamed at least this long counts as healthy: its failure
 /// starts the backoff from the beginning again.
@@ -253,6 +254,22 @@ where
                     set_state(&metrics, CircuitState::BackingOff, backoff.attempts());
                     if crate::standby::slot_in_use(&e) {
                         crate::standby::log_wait(&e, &mut waiting_as_standby, delay);
+                    } else if postgres_unreachable(&e) {
+                        waiting_as_standby = false;
+                        let source = &session.source;
+                        tracing::warn!(
+                            error = %e,
+                            postgres = %format!("{}:{}", source.host, source.port),
+                            user = %source.user,
+                            database = %source.dbname,
+                            slot = %session.slot,
+                            slot_status = slot_status(&session, metrics.sessions() > 0),
+                            failures_in_a_row = backoff.attempts(),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "cannot reach PostgreSQL at {}:{}; retrying with backoff (a sidecar may start before its database): check the host and port in --source if this goes on",
+                            source.host,
+                            source.port
+                        );
                     } else {
                         waiting_as_standby = false;
                         tracing::warn!(
@@ -294,6 +311,25 @@ where
         0,
     );
     result
+}
+
+/// The source could not be reached at all (refused, unresolvable, timed out).
+fn postgres_unreachable(e: &PipelineError) -> bool {
+    match e {
+        PipelineError::Replication(r) | PipelineError::Slot(SlotError::Replication(r)) => {
+            r.is_unreachable()
+        }
+        _ => false,
+    }
+}
+
+/// What is known about the slot while the source is unreachable.
+fn slot_status(session: &crate::pipeline::SessionConfig, streamed: bool) -> &'static str {
+    match (streamed, session.create_slot) {
+        (true, _) => "exists (this process streamed from it)",
+        (false, true) => "not checked yet (created on the first connection if missing)",
+        (false, false) => "not checked yet (it must exist: pass --create-slot to create it)",
+    }
 }
 
 fn set_state(metrics: &Metrics, state: CircuitState, failures: u32) {

@@ -95,6 +95,14 @@ pub enum ReplicationError {
 
     #[error("SQL connection: {}", error_chain(.0))]
     Sql(#[from] tokio_postgres::Error),
+
+    /// Opening a SQL connection failed: names the server (never the password).
+    #[error("could not open a SQL connection to {addr}: {}", error_chain(.source))]
+    SqlConnect {
+        /// `host:port`
+        addr: String,
+        source: tokio_postgres::Error,
+    },
 }
 
 /// tokio-postgres' own message is only the error kind ("db error"); the useful
@@ -143,7 +151,9 @@ impl ReplicationError {
             | ReplicationError::Broken => true,
             ReplicationError::TlsHandshake { source, .. } => !is_certificate_error(source),
             ReplicationError::Server(e) => sqlstate_is_retryable(&e.code),
-            ReplicationError::Sql(e) => sql_error_is_retryable(e),
+            ReplicationError::Sql(e) | ReplicationError::SqlConnect { source: e, .. } => {
+                sql_error_is_retryable(e)
+            }
         }
     }
 
@@ -151,8 +161,26 @@ impl ReplicationError {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             ReplicationError::Server(e) => Some(&e.code),
-            ReplicationError::Sql(e) => e.code().map(|c| c.code()),
+            ReplicationError::Sql(e) | ReplicationError::SqlConnect { source: e, .. } => {
+                e.code().map(|c| c.code())
+            }
             _ => None,
+        }
+    }
+
+    /// The server could not be reached at all (refused, unresolvable, timed
+    /// out, reset before the session was up): a database that is not up yet
+    /// looks like this.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            ReplicationError::Resolve { .. } | ReplicationError::Connect { .. } => true,
+            // Connect timeouts name what they bound: "connecting to h:p",
+            // "SQL connection to h:p".
+            ReplicationError::Timeout { what, .. } => {
+                what.starts_with("connecting to") || what.starts_with("SQL connection to")
+            }
+            ReplicationError::SqlConnect { source, .. } => source.as_db_error().is_none(),
+            _ => false,
         }
     }
 

@@ -28,7 +28,9 @@ pub async fn connect(cfg: &PgConfig) -> Result<tokio_postgres::Client, Replicati
     let client = match tls_config {
         None => {
             pg.ssl_mode(PgSslMode::Disable);
-            let (client, connection) = bounded(cfg, pg.connect(NoTls)).await??;
+            let (client, connection) = bounded(cfg, pg.connect(NoTls))
+                .await?
+                .map_err(|e| connect_error(cfg, e))?;
             spawn_connection(connection);
             client
         }
@@ -40,13 +42,23 @@ pub async fn connect(cfg: &PgConfig) -> Result<tokio_postgres::Client, Replicati
             } else {
                 PgSslMode::Require
             });
-            let (client, connection) =
-                bounded(cfg, pg.connect(MakeRustlsConnect::new(tls_config))).await??;
+            let (client, connection) = bounded(cfg, pg.connect(MakeRustlsConnect::new(tls_config)))
+                .await?
+                .map_err(|e| connect_error(cfg, e))?;
             spawn_connection(connection);
             client
         }
     };
     Ok(client)
+}
+
+/// tokio-postgres says only "error connecting to server: Connection refused";
+/// the operator needs to know which server (never the password).
+fn connect_error(cfg: &PgConfig, source: tokio_postgres::Error) -> ReplicationError {
+    ReplicationError::SqlConnect {
+        addr: format!("{}:{}", cfg.host, cfg.port),
+        source,
+    }
 }
 
 /// tokio-postgres' own `connect_timeout` covers only the TCP connect; this bounds

@@ -27,7 +27,7 @@ use super::error::ReplicationError;
 /// Reads `sslrootcert` now, so a missing or empty file is reported before any
 /// connection attempt.
 pub(crate) fn client_config(cfg: &PgConfig) -> Result<Option<Arc<ClientConfig>>, ReplicationError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match cfg.sslmode {
         SslMode::Disable => return Ok(None),
         // libpq: `require` with a root certificate file behaves like `verify-ca`.
