@@ -35,6 +35,9 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
     let broker_only = [
         "amqp",
         "exchange",
+        "stream_url",
+        "stream",
+        "stream_producer",
         "no_declare",
         "queue",
         "queue_type",
@@ -188,7 +191,7 @@ where
     Ok(Ok(match name {
         "tail" => Invocation::Tail(settings),
         "run" => {
-            if settings.amqp.is_none() {
+            if settings.amqp.is_none() && settings.stream_url.is_none() {
                 return Ok(Err(ConfigError::Missing {
                     key: "amqp",
                     flag: "amqp".into(),
