@@ -1,0 +1,393 @@
+//! The stream sink (`--stream-url`) against real brokers: the shared one's
+//! stream port (`$ODOO_CDC_TEST_STREAM`, from `scripts/services.sh env`) and,
+//! for the test that closes every broker connection, a private node.
+//!
+//! The exactly-once tests run `odoo-cdc run` while a workload of about 20,000
+//! changes commits, inject a fault four times (`kill -9` of the connector, or
+//! `rabbitmqctl close_all_connections`), then read the whole stream back and
+//! compare it with a second, untouched slot on the same publication: every
+//! committed change must be in the stream exactly once (0 lost, 0 duplicates),
+//! identified by its `message_id` (`<commit LSN>-<seq>`).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::broker::PrivateBroker;
+use common::{Proc, TestDb};
+use odoo_cdc::event::message_id;
+use odoo_cdc::lsn::Lsn;
+use odoo_cdc::sink::stream::consumer::{delete_stream, read_stream};
+use odoo_cdc::sink::stream::{StreamConfig, StreamMessage, StreamSink, publishing_id};
+use odoo_cdc::sink::{Confirm, HeaderValue, OutgoingMessage, Sink};
+
+fn stream_url() -> String {
+    std::env::var("ODOO_CDC_TEST_STREAM")
+        .unwrap_or_else(|_| "rabbitmq-stream://guest:guest@127.0.0.1:5552/%2f".to_string())
+}
+
+fn config(url: &str, stream: &str) -> StreamConfig {
+    let mut cfg = StreamConfig::new(url, stream, &format!("producer-{stream}")).unwrap();
+    cfg.connection_name = stream.to_owned();
+    cfg
+}
+
+fn message(commit_lsn: u64, seq: u32) -> OutgoingMessage {
+    let mut headers = BTreeMap::new();
+    headers.insert(
+        "x-commit-lsn".to_owned(),
+        HeaderValue::Str(Lsn(commit_lsn).to_string()),
+    );
+    headers.insert("x-xid".to_owned(), HeaderValue::Int(745));
+    headers.insert("x-snapshot".to_owned(), HeaderValue::Bool(false));
+    OutgoingMessage {
+        routing_key: "odoo.public.sale_order.update".into(),
+        body: Bytes::from(format!("{{\"seq\":{seq}}}")),
+        message_id: message_id(Lsn(commit_lsn), seq),
+        content_type: "application/json",
+        timestamp: 1_700_000_000,
+        kind: "sale.order.update".into(),
+        headers,
+    }
+}
+
+async fn confirm(c: Confirm) {
+    match c {
+        Confirm::Pending(f) => tokio::time::timeout(Duration::from_secs(20), f)
+            .await
+            .expect("confirm within 20 s")
+            .expect("positive confirm"),
+        Confirm::OnFlush => panic!("the stream sink confirms through the broker"),
+    }
+}
+
+#[tokio::test]
+async fn messages_carry_the_amqp_sinks_properties_and_replays_are_not_stored_twice() {
+    let stream = common::unique_name("odoo-cdc-test-stream");
+    let cfg = config(&stream_url(), &stream);
+    let mut sink = StreamSink::connect(cfg.clone())
+        .await
+        .expect("connect to the stream port (scripts/services.sh up enables it)");
+    assert_eq!(sink.stored_publishing_id(), 0);
+    let changes: Vec<OutgoingMessage> = (0..3).map(|i| message(0x0100_0000, i)).collect();
+    let mut snapshot_row = message(0x0100_0000, 0);
+    snapshot_row.message_id = "0000000001000000-r00004000-0000000001".into();
+    for m in changes.iter().cloned().chain([snapshot_row.clone()]) {
+        confirm(sink.publish(m).await.unwrap()).await;
+    }
+    sink.close().await.unwrap();
+
+    // A replay of the same changes (a restart from the slot) and one new change.
+    let mut sink = StreamSink::connect(cfg.clone()).await.unwrap();
+    assert_eq!(
+        sink.stored_publishing_id(),
+        publishing_id(0x0100_0000, 2).unwrap()
+    );
+    for m in changes.iter().cloned().chain([message(0x0100_1000, 0)]) {
+        confirm(sink.publish(m).await.unwrap()).await;
+    }
+    sink.close().await.unwrap();
+
+    let got = read_stream(&cfg, 0, Duration::from_secs(2), 100)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|m| m.message_id.as_deref().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "0000000001000000-00000000",
+            "0000000001000000-00000001",
+            "0000000001000000-00000002",
+            "0000000001000000-r00004000-0000000001",
+            "0000000001001000-00000000",
+        ]
+    );
+    let first = &got[0];
+    assert_eq!(first.offset, 0);
+    assert_eq!(first.subject.as_deref(), Some("sale.order.update"));
+    assert_eq!(first.content_type.as_deref(), Some("application/json"));
+    assert_eq!(first.creation_time, Some(1_700_000_000_000));
+    assert_eq!(first.body, b"{\"seq\":0}");
+    let mut want = changes[0].headers.clone();
+    want.insert(
+        "x-routing-key".into(),
+        HeaderValue::Str("odoo.public.sale_order.update".into()),
+    );
+    assert_eq!(first.application_properties, want);
+    delete_stream(&cfg).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_stream_is_an_error_with_no_declare() {
+    let stream = common::unique_name("odoo-cdc-test-missing");
+    let mut cfg = config(&stream_url(), &stream);
+    cfg.declare = false;
+    let err = StreamSink::connect(cfg)
+        .await
+        .err()
+        .expect("no such stream");
+    let text = err.to_string();
+    assert!(text.contains("stream does not exist"), "{text}");
+    assert!(err.is_retryable());
+}
+
+#[tokio::test]
+async fn bad_credentials_are_not_retried() {
+    let url = stream_url().replacen("guest:guest@", "guest:wrong@", 1);
+    let cfg = config(&url, &common::unique_name("odoo-cdc-test-auth"));
+    let err = StreamSink::connect(cfg)
+        .await
+        .err()
+        .expect("wrong password");
+    let text = err.to_string();
+    assert!(text.contains("authentication failure"), "{text}");
+    assert!(!text.contains("wrong"), "the password leaked: {text}");
+    assert!(!err.is_retryable());
+}
+
+// ---- exactly once under faults ------------------------------------------
+
+const TARGET_CHANGES: u64 = 20_000;
+
+/// `<commit LSN>-<seq>` of every change the reference slot returns, in commit order.
+async fn committed_ids(db: &TestDb, slot: &str) -> Vec<String> {
+    let rows = db
+        .client
+        .query(
+            "SELECT data FROM pg_logical_slot_get_binary_changes($1, NULL, NULL, \
+             'proto_version', '1', 'publication_names', $2)",
+            &[&slot, &db.name],
+        )
+        .await
+        .expect("read the reference slot");
+    let mut ids = Vec::new();
+    let (mut commit_lsn, mut seq) = (0u64, 0u32);
+    for r in rows {
+        let data: Vec<u8> = r.get(0);
+        match data.first() {
+            Some(b'B') => {
+                commit_lsn = u64::from_be_bytes(data[1..9].try_into().unwrap());
+                seq = 0;
+            }
+            Some(b'I' | b'U' | b'D') => {
+                ids.push(format!("{commit_lsn:016X}-{seq:08}"));
+                seq += 1;
+            }
+            _ => {}
+        }
+    }
+    ids
+}
+
+/// Commits transactions of 1 to about 600 changes (inserts, updates, deletes)
+/// until `TARGET_CHANGES` changes are committed, counting them in `changes`.
+fn start_workload(url: String, changes: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut client = common::connect(&url).await;
+        let mut round = 0u64;
+        while changes.load(Ordering::Relaxed) < TARGET_CHANGES {
+            round += 1;
+            let rows = rand::random_range(1..=300i64);
+            let tx = client.transaction().await.unwrap();
+            let mut n = tx
+                .execute(
+                    "INSERT INTO item (v, note) SELECT g, 'round ' || $1::bigint FROM generate_series(1, $2::bigint) g",
+                    &[&(round as i64), &rows],
+                )
+                .await
+                .unwrap();
+            if round.is_multiple_of(3) {
+                n += tx
+                    .execute(
+                        "UPDATE item SET v = v + 1 WHERE id IN (SELECT id FROM item ORDER BY random() LIMIT 200)",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+            }
+            if round.is_multiple_of(5) {
+                n += tx
+                    .execute(
+                        "DELETE FROM item WHERE id IN (SELECT id FROM item ORDER BY random() LIMIT 100)",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+            changes.fetch_add(n, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(rand::random_range(40..120))).await;
+        }
+    })
+}
+
+fn spawn_connector(db: &TestDb, url: &str, stream: &str) -> Proc {
+    let args = [
+        "run",
+        "--source",
+        &db.url,
+        "--stream-url",
+        url,
+        "--stream",
+        stream,
+        "--slot",
+        &db.name,
+        "--publication",
+        &db.name,
+        "--create-slot",
+        "--snapshot",
+        "never",
+        "--profile",
+        "none",
+        "--status-interval-secs",
+        "1",
+        "--confirm-timeout-secs",
+        "5",
+    ];
+    // The sink logs how many replayed changes it found already stored.
+    Proc::spawn(
+        &args,
+        &[("ODOO_CDC_LOG", "warn,odoo_cdc::sink::stream=info")],
+    )
+}
+
+enum Fault<'a> {
+    Kill9,
+    CloseAllConnections(&'a PrivateBroker),
+}
+
+async fn exactly_once_under(url: &str, fault: Fault<'_>) {
+    let db = TestDb::create("stream_eo").await;
+    let reference = format!("{}_ref", db.name);
+    db.exec(&format!(
+        "CREATE TABLE item (id bigserial PRIMARY KEY, v bigint, note text);
+         CREATE PUBLICATION {0} FOR TABLE item;",
+        db.name
+    ))
+    .await;
+    // Its own statement: a slot cannot be created in a transaction that wrote.
+    db.exec(&format!(
+        "SELECT pg_create_logical_replication_slot('{reference}', 'pgoutput')"
+    ))
+    .await;
+    let stream = common::unique_name("odoo-cdc-test-eo");
+    let cfg = config(url, &stream);
+    let mut connector = spawn_connector(&db, url, &stream);
+    common::wait_for_slot(&db).await;
+
+    let changes = Arc::new(AtomicU64::new(0));
+    let workload = start_workload(db.url.clone(), Arc::clone(&changes));
+    let started = Instant::now();
+    for n in 1..=4 {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(800..1800))).await;
+        match &fault {
+            Fault::Kill9 => {
+                connector.kill9();
+                connector = spawn_connector(&db, url, &stream);
+            }
+            Fault::CloseAllConnections(broker) => {
+                let out = broker.ctl(&["close_all_connections", "test: connection closed"]);
+                assert!(out.status.success(), "{out:?}");
+            }
+        }
+        eprintln!(
+            "[{:>5.1}s] fault #{n} after {} committed changes",
+            started.elapsed().as_secs_f64(),
+            changes.load(Ordering::Relaxed)
+        );
+    }
+    workload.await.unwrap();
+    let committed = changes.load(Ordering::Relaxed);
+    let expected = committed_ids(&db, &reference).await;
+    assert_eq!(expected.len() as u64, committed);
+
+    // Wait until the stream holds them all and the slot moved past them.
+    let upto: String = db
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut got: Vec<StreamMessage>;
+    loop {
+        got = read_stream(&cfg, 0, Duration::from_millis(700), usize::MAX)
+            .await
+            .unwrap_or_default();
+        let caught_up = db
+            .client
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name, &upto],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0);
+        if got.len() >= expected.len() && caught_up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} changes reached the stream (slot caught up: {caught_up})",
+            got.len(),
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Anything late (a duplicate still in flight) would show up now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    got = read_stream(&cfg, 0, Duration::from_millis(700), usize::MAX)
+        .await
+        .unwrap();
+    connector.terminate();
+
+    let ids: Vec<String> = got.iter().filter_map(|m| m.message_id.clone()).collect();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for id in &ids {
+        *seen.entry(id).or_default() += 1;
+    }
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let have: HashSet<&str> = seen.keys().copied().collect();
+    let want: HashSet<&str> = expected.iter().map(String::as_str).collect();
+    let lost: Vec<&&str> = want.difference(&have).take(5).collect();
+    let lost_n = want.difference(&have).count();
+    let extra_n = have.difference(&want).count();
+    eprintln!(
+        "{} committed changes, {} messages in the stream: {lost_n} lost, {duplicates} duplicates, {extra_n} unexpected",
+        expected.len(),
+        ids.len()
+    );
+    assert_eq!(lost_n, 0, "lost, e.g. {lost:?}");
+    assert_eq!(duplicates, 0, "duplicates in the stream");
+    assert_eq!(extra_n, 0, "messages no committed change explains");
+    // Commit order is kept too.
+    assert_eq!(ids, expected, "the stream is in commit order");
+
+    delete_stream(&cfg).await.unwrap();
+    db.exec(&format!("SELECT pg_drop_replication_slot('{reference}')"))
+        .await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_a_workload_leaves_every_change_in_the_stream_exactly_once() {
+    exactly_once_under(&stream_url(), Fault::Kill9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_broker_connections_leave_every_change_in_the_stream_exactly_once() {
+    if !PrivateBroker::available() {
+        eprintln!("RabbitMQ is not installed here: skipped");
+        return;
+    }
+    let broker = PrivateBroker::start();
+    let url = broker.stream_url();
+    exactly_once_under(&url, Fault::CloseAllConnections(&broker)).await;
+}
