@@ -167,23 +167,7 @@ async fn committed_ids(db: &TestDb, slot: &str) -> Vec<String> {
         )
         .await
         .expect("read the reference slot");
-    let mut ids = Vec::new();
-    let (mut commit_lsn, mut seq) = (0u64, 0u32);
-    for r in rows {
-        let data: Vec<u8> = r.get(0);
-        match data.first() {
-            Some(b'B') => {
-                commit_lsn = u64::from_be_bytes(data[1..9].try_into().unwrap());
-                seq = 0;
-            }
-            Some(b'I' | b'U' | b'D') => {
-                ids.push(format!("{commit_lsn:016X}-{seq:08}"));
-                seq += 1;
-            }
-            _ => {}
-        }
-    }
-    ids
+    common::change_ids(rows.iter().map(|r| r.get::<_, &[u8]>(0)))
 }
 
 /// Commits transactions of 1 to about 600 changes (inserts, updates, deletes)
@@ -203,23 +187,20 @@ fn start_workload(url: String, changes: Arc<AtomicU64>) -> tokio::task::JoinHand
                 )
                 .await
                 .unwrap();
-            if round.is_multiple_of(3) {
-                n += tx
-                    .execute(
-                        "UPDATE item SET v = v + 1 WHERE id IN (SELECT id FROM item ORDER BY random() LIMIT 200)",
-                        &[],
-                    )
-                    .await
-                    .unwrap();
-            }
-            if round.is_multiple_of(5) {
-                n += tx
-                    .execute(
-                        "DELETE FROM item WHERE id IN (SELECT id FROM item ORDER BY random() LIMIT 100)",
-                        &[],
-                    )
-                    .await
-                    .unwrap();
+            let extra = [
+                (
+                    3,
+                    "UPDATE item SET v = v + 1 WHERE id IN (SELECT id FROM item ORDER BY random() LIMIT 200)",
+                ),
+                (
+                    5,
+                    "DELETE FROM item WHERE id IN (SELECT id FROM item ORDER BY random() LIMIT 100)",
+                ),
+            ];
+            for (every, sql) in extra {
+                if round.is_multiple_of(every) {
+                    n += tx.execute(sql, &[]).await.unwrap();
+                }
             }
             tx.commit().await.unwrap();
             changes.fetch_add(n, Ordering::Relaxed);
