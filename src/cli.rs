@@ -59,6 +59,10 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
             "check" => matches!(
                 *k,
                 "source"
+                    | "stream_url"
+                    | "stream"
+                    | "stream_producer"
+                    | "no_declare"
                     | "slot"
                     | "publication"
                     | "log_format"

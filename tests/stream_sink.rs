@@ -152,6 +152,55 @@ async fn bad_credentials_are_not_retried() {
     assert!(!err.is_retryable());
 }
 
+#[tokio::test]
+async fn check_reports_the_stream_port() {
+    let db = TestDb::create("stream_check").await;
+    let stream = common::unique_name("odoo-cdc-test-check");
+    let check = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_odoo-cdc"))
+            .args(["check", "--source", &db.url, "--stream", &stream])
+            .args(extra)
+            .env("ODOO_CDC_LOG", "warn")
+            .output()
+            .expect("run odoo-cdc check");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let url = stream_url();
+    let out = check(&["--stream-url", &url]);
+    assert!(
+        out.contains(&format!("ok       RabbitMQ stream port reachable; stream {stream:?} does not exist yet: run creates it")),
+        "{out}"
+    );
+    let out = check(&["--stream-url", &url, "--no-declare"]);
+    assert!(
+        out.contains("BLOCKING stream ") && out.contains("--no-declare is set"),
+        "{out}"
+    );
+
+    let cfg = config(&url, &stream);
+    let mut sink = StreamSink::connect(cfg.clone()).await.unwrap();
+    confirm(sink.publish(message(0x0200_0000, 0)).await.unwrap()).await;
+    sink.close().await.unwrap();
+    let out = check(&["--stream-url", &url, "--stream-producer", &cfg.producer]);
+    let id = publishing_id(0x0200_0000, 0).unwrap();
+    assert!(
+        out.contains(&format!(
+            "reachable; producer {:?} last stored publishing id {id}",
+            cfg.producer
+        )),
+        "{out}"
+    );
+    let bad = url.replacen(":5552", ":1", 1);
+    let out = check(&["--stream-url", &bad]);
+    assert!(out.contains("BLOCKING RabbitMQ stream port at"), "{out}");
+    assert!(
+        out.contains("rabbitmq-plugins enable rabbitmq_stream"),
+        "{out}"
+    );
+    delete_stream(&cfg).await.unwrap();
+    db.cleanup().await;
+}
+
 // ---- exactly once under faults ------------------------------------------
 
 const TARGET_CHANGES: u64 = 20_000;

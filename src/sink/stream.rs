@@ -141,6 +141,54 @@ impl StreamConfig {
     }
 }
 
+/// What `odoo-cdc check` learns from the broker without publishing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub stream_exists: bool,
+    /// The producer's last stored publishing id (0: it never published).
+    pub last_publishing_id: u64,
+}
+
+/// Connects to the stream port and asks for the producer's sequence, which
+/// also tells whether the stream exists. Creates and sends nothing.
+pub async fn probe(cfg: &StreamConfig) -> Result<Probe, String> {
+    let t = cfg.connect_timeout;
+    let mut conn = Conn::open(&cfg.endpoint, "odoo-cdc check", t)
+        .await
+        .map_err(|e| e.replace(&cfg.endpoint.password, "***"))?;
+    let r = conn
+        .call(t, "querying the producer's sequence", |c| {
+            Frame::new(wire::QUERY_PUBLISHER_SEQUENCE)
+                .u32(c)
+                .str(&cfg.producer)
+                .str(&cfg.stream)
+        })
+        .await?;
+    let probe = match r.code {
+        wire::OK => Probe {
+            stream_exists: true,
+            last_publishing_id: Reader::new(&r.body).u64()?,
+        },
+        wire::STREAM_DOES_NOT_EXIST => Probe {
+            stream_exists: false,
+            last_publishing_id: 0,
+        },
+        code => {
+            return Err(format!(
+                "querying the producer's sequence: {}",
+                wire::code_text(code)
+            ));
+        }
+    };
+    let close = Frame::new(wire::CLOSE)
+        .u32(u32::MAX)
+        .u16(wire::OK)
+        .str("check done")
+        .finish();
+    let _ = conn.send(&close, t).await;
+    Ok(probe)
+}
+
 /// The named producer (exactly-once) and the unnamed one (at-least-once).
 const NAMED: u8 = 0;
 const UNNAMED: u8 = 1;

@@ -120,7 +120,7 @@ pub async fn delete_stream(cfg: &StreamConfig) -> Result<(), String> {
             Frame::new(wire::DELETE).u32(c).str(&cfg.stream)
         })
         .await?;
-    if r.code != wire::OK && r.code != 0x02 {
+    if r.code != wire::OK && r.code != wire::STREAM_DOES_NOT_EXIST {
         return Err(format!("deleting the stream: {}", wire::code_text(r.code)));
     }
     Ok(())

@@ -35,6 +35,7 @@ pub const HEARTBEAT: u16 = 0x0017;
 pub const RESPONSE: u16 = 0x8000;
 
 pub const OK: u16 = 0x01;
+pub const STREAM_DOES_NOT_EXIST: u16 = 0x02;
 pub const STREAM_ALREADY_EXISTS: u16 = 0x05;
 
 /// The largest frame we accept or offer, whatever the broker suggests.
