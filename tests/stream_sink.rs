@@ -201,6 +201,103 @@ async fn check_reports_the_stream_port() {
     db.cleanup().await;
 }
 
+/// Snapshot rows go through the unnamed producer, transaction-granularity
+/// parts through the named one; a restart stores neither twice (the snapshot
+/// is not repeated once the slot exists, the parts are deduplicated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_rows_and_transaction_messages_reach_the_stream() {
+    let db = TestDb::create("stream_tx").await;
+    db.exec(&format!(
+        "CREATE TABLE item (id bigserial PRIMARY KEY, v bigint);
+         INSERT INTO item (v) SELECT g FROM generate_series(1, 50) g;
+         CREATE PUBLICATION {0} FOR TABLE item;",
+        db.name
+    ))
+    .await;
+    let url = stream_url();
+    let stream = common::unique_name("odoo-cdc-test-tx");
+    let cfg = config(&url, &stream);
+    let spawn = || {
+        Proc::spawn(
+            &[
+                "run",
+                "--source",
+                &db.url,
+                "--stream-url",
+                &url,
+                "--stream",
+                &stream,
+                "--slot",
+                &db.name,
+                "--publication",
+                &db.name,
+                "--create-slot",
+                "--granularity",
+                "transaction",
+                "--max-events-per-message",
+                "40",
+                "--profile",
+                "none",
+                "--status-interval-secs",
+                "1",
+            ],
+            &[],
+        )
+    };
+    let mut connector = spawn();
+    let read = || read_stream(&cfg, 0, Duration::from_millis(700), usize::MAX);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read().await.unwrap_or_default().len() < 50 {
+        assert!(Instant::now() < deadline, "the snapshot never arrived");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // 100 changes in one transaction: parts of 40, 40 and 20 events.
+    db.exec(
+        "UPDATE item SET v = v + 1; INSERT INTO item (v) SELECT g FROM generate_series(1, 50) g;",
+    )
+    .await;
+    while read().await.unwrap_or_default().len() < 53 {
+        assert!(Instant::now() < deadline, "the transaction never arrived");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    connector.kill9();
+    let mut connector = spawn();
+    db.exec("INSERT INTO item (v) VALUES (1)").await;
+    while read().await.unwrap_or_default().len() < 54 {
+        assert!(
+            Instant::now() < deadline,
+            "the last transaction never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = read().await.unwrap();
+    connector.terminate();
+    let ids: Vec<&str> = got.iter().filter_map(|m| m.message_id.as_deref()).collect();
+    assert_eq!(ids.len(), 54, "{ids:?}");
+    assert!(ids[..50].iter().all(|id| id.contains("-r")), "{ids:?}");
+    let parts: Vec<(&str, Option<&HeaderValue>)> = got[50..53]
+        .iter()
+        .map(|m| {
+            (
+                m.subject.as_deref().unwrap_or_default(),
+                m.application_properties.get("x-events"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            ("transaction", Some(&HeaderValue::Int(40))),
+            ("transaction", Some(&HeaderValue::Int(40))),
+            ("transaction", Some(&HeaderValue::Int(20))),
+        ]
+    );
+    assert!(ids[50].ends_with("-00000000") && ids[51].ends_with("-00000040"));
+    delete_stream(&cfg).await.unwrap();
+    db.cleanup().await;
+}
+
 // ---- exactly once under faults ------------------------------------------
 
 const TARGET_CHANGES: u64 = 20_000;
