@@ -139,6 +139,22 @@ async fn a_missing_stream_is_an_error_with_no_declare() {
 }
 
 #[tokio::test]
+async fn a_message_over_the_brokers_frame_limit_stops_with_a_clear_error() {
+    let stream = common::unique_name("odoo-cdc-test-big");
+    let cfg = config(&stream_url(), &stream);
+    let mut sink = StreamSink::connect(cfg.clone()).await.unwrap();
+    let mut big = message(0x0300_0000, 0);
+    big.body = Bytes::from(vec![b'x'; 2 << 20]);
+    let err = sink.publish(big).await.err().expect("over 1 MiB");
+    assert!(err.to_string().contains("stream.frame_max"), "{err}");
+    assert!(!err.is_retryable());
+    // The connection is still usable for messages that fit.
+    confirm(sink.publish(message(0x0300_0000, 1)).await.unwrap()).await;
+    sink.close().await.unwrap();
+    delete_stream(&cfg).await.unwrap();
+}
+
+#[tokio::test]
 async fn bad_credentials_are_not_retried() {
     let url = stream_url().replacen("guest:guest@", "guest:wrong@", 1);
     let cfg = config(&url, &common::unique_name("odoo-cdc-test-auth"));

@@ -438,7 +438,9 @@ impl Sink for StreamSink {
             return Err(SinkError::Invalid {
                 message_id: msg.message_id,
                 reason: format!(
-                    "the encoded message has {} bytes; the broker's frame limit is {}",
+                    "the encoded message has {} bytes; the broker's frame limit is {} \
+                     (raise stream.frame_max in rabbitmq.conf, or use row granularity \
+                     or a smaller --max-events-per-message)",
                     data.len(),
                     self.frame_max
                 ),

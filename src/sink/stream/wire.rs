@@ -38,8 +38,9 @@ pub const OK: u16 = 0x01;
 pub const STREAM_DOES_NOT_EXIST: u16 = 0x02;
 pub const STREAM_ALREADY_EXISTS: u16 = 0x05;
 
-/// The largest frame we accept or offer, whatever the broker suggests.
-pub const FRAME_MAX: u32 = 1 << 20;
+/// The largest frame we agree to send: the broker's `stream.frame_max`
+/// (1 MiB by default) decides, up to this.
+pub const FRAME_MAX: u32 = 64 << 20;
 
 /// Text for a response code, for error messages.
 pub fn code_text(code: u16) -> &'static str {
@@ -268,7 +269,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
 /// Reads one frame (without its size prefix).
 pub async fn read_frame(r: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Vec<u8>> {
     let size = r.read_u32().await?;
-    if size > FRAME_MAX.max(8 << 20) || size < 4 {
+    if !(4..=FRAME_MAX).contains(&size) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("frame of {size} bytes"),
