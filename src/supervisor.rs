@@ -132,6 +132,8 @@ where
             }
         };
         let metrics = Arc::new(Metrics::new());
+        let stats = Arc::clone(&cfg.stats);
+        metrics.add_render_hook(Box::new(move |out| stats.render(out)));
         let connect = move || StreamSink::connect(cfg.clone());
         return with_endpoint(&settings, metrics.clone(), async {
             supervise(&settings, metrics, connect, shutdown).await

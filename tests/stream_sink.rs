@@ -90,6 +90,13 @@ async fn messages_carry_the_amqp_sinks_properties_and_replays_are_not_stored_twi
     for m in changes.iter().cloned().chain([message(0x0100_1000, 0)]) {
         confirm(sink.publish(m).await.unwrap()).await;
     }
+    assert_eq!(sink.skipped(), 3);
+    assert_eq!(
+        cfg.stats
+            .replayed_already_stored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
     sink.close().await.unwrap();
 
     let got = read_stream(&cfg, 0, Duration::from_secs(2), 100)

@@ -23,6 +23,7 @@
 //! before 3.11 does not know and answers by closing the connection.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,6 +83,42 @@ pub fn default_producer(slot: &str) -> String {
     format!("odoo-cdc-{slot}")
 }
 
+/// Counters shared by every session's sink, rendered into `/metrics`.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Replayed changes confirmed without sending: the broker had them.
+    pub replayed_already_stored: AtomicU64,
+    /// The producer's last publishing id the broker reported at the last connect.
+    pub stored_publishing_id: AtomicU64,
+}
+
+impl StreamStats {
+    /// Prometheus text lines, for [`crate::metrics::Metrics::add_render_hook`].
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let families = [
+            (
+                "odoo_cdc_stream_replayed_already_stored_total",
+                "counter",
+                "Replayed changes the stream already held, confirmed without sending them.",
+                self.replayed_already_stored.load(Ordering::Relaxed),
+            ),
+            (
+                "odoo_cdc_stream_stored_publishing_id",
+                "gauge",
+                "The producer's last stored publishing id, as the broker reported it at connect.",
+                self.stored_publishing_id.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
+        }
+    }
+}
+
 /// How to reach the stream and what to call the producer.
 #[derive(Clone)]
 pub struct StreamConfig {
@@ -97,6 +134,8 @@ pub struct StreamConfig {
     pub confirm_timeout: Duration,
     pub connect_timeout: Duration,
     pub connection_name: String,
+    /// Shared by the sinks of successive sessions.
+    pub stats: Arc<StreamStats>,
 }
 
 impl std::fmt::Debug for StreamConfig {
@@ -129,6 +168,7 @@ impl StreamConfig {
             confirm_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             connection_name: "odoo-cdc".to_owned(),
+            stats: Arc::default(),
         })
     }
 
@@ -242,6 +282,7 @@ pub struct StreamSink {
     last_sent: u64,
     /// Replayed changes confirmed without sending: the broker had them.
     skipped: u64,
+    stats: Arc<StreamStats>,
     next_unnamed: u64,
     frame_max: usize,
     confirm_timeout: Duration,
@@ -313,6 +354,9 @@ impl StreamSink {
             .map_err(fail)?;
         wire::expect_ok("querying the producer's sequence", r.code).map_err(fail)?;
         let stored = Reader::new(&r.body).u64().map_err(fail)?;
+        cfg.stats
+            .stored_publishing_id
+            .store(stored, Ordering::Relaxed);
         info!(
             url = %url,
             stream = %cfg.stream,
@@ -344,6 +388,7 @@ impl StreamSink {
             stored,
             last_sent: stored,
             skipped: 0,
+            stats: Arc::clone(&cfg.stats),
             next_unnamed: 0,
             frame_max,
             confirm_timeout: cfg.confirm_timeout,
@@ -378,6 +423,9 @@ impl StreamSink {
         match named {
             Some(id) if id <= self.stored => {
                 self.skipped += 1;
+                self.stats
+                    .replayed_already_stored
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(None)
             }
             Some(id) if id <= self.last_sent => Err(SinkError::Invalid {
@@ -722,6 +770,18 @@ mod tests {
             publishing_id(MAX_LSN - 8, (1 << SEQ_BITS) - 1),
             Some(u64::MAX)
         );
+    }
+
+    #[test]
+    fn stats_render_as_prometheus_families() {
+        let stats = StreamStats::default();
+        stats.replayed_already_stored.store(3, Ordering::Relaxed);
+        let mut out = String::new();
+        stats.render(&mut out);
+        assert!(out.contains(
+            "# TYPE odoo_cdc_stream_replayed_already_stored_total counter\nodoo_cdc_stream_replayed_already_stored_total 3\n"
+        ));
+        assert!(out.contains("odoo_cdc_stream_stored_publishing_id 0\n"));
     }
 
     #[test]
