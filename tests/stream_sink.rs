@@ -241,30 +241,16 @@ async fn snapshot_rows_and_transaction_messages_reach_the_stream() {
     let stream = common::unique_name("odoo-cdc-test-tx");
     let cfg = config(&url, &stream);
     let spawn = || {
-        Proc::spawn(
+        spawn_connector(
+            &db,
+            &url,
+            &stream,
             &[
-                "run",
-                "--source",
-                &db.url,
-                "--stream-url",
-                &url,
-                "--stream",
-                &stream,
-                "--slot",
-                &db.name,
-                "--publication",
-                &db.name,
-                "--create-slot",
                 "--granularity",
                 "transaction",
                 "--max-events-per-message",
                 "40",
-                "--profile",
-                "none",
-                "--status-interval-secs",
-                "1",
             ],
-            &[],
         )
     };
     let mut connector = spawn();
@@ -378,8 +364,9 @@ fn start_workload(url: String, changes: Arc<AtomicU64>) -> tokio::task::JoinHand
     })
 }
 
-fn spawn_connector(db: &TestDb, url: &str, stream: &str) -> Proc {
-    let args = [
+/// `odoo-cdc run` into the stream, on the database's own slot and publication.
+fn spawn_connector(db: &TestDb, url: &str, stream: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
         "run",
         "--source",
         &db.url,
@@ -392,21 +379,21 @@ fn spawn_connector(db: &TestDb, url: &str, stream: &str) -> Proc {
         "--publication",
         &db.name,
         "--create-slot",
-        "--snapshot",
-        "never",
         "--profile",
         "none",
         "--status-interval-secs",
         "1",
-        "--confirm-timeout-secs",
-        "5",
     ];
+    args.extend_from_slice(extra);
     // The sink logs how many replayed changes it found already stored.
     Proc::spawn(
         &args,
         &[("ODOO_CDC_LOG", "warn,odoo_cdc::sink::stream=info")],
     )
 }
+
+/// The exactly-once runs: changes only (no snapshot), quick confirm timeouts.
+const FAULT_RUN: &[&str] = &["--snapshot", "never", "--confirm-timeout-secs", "5"];
 
 enum Fault<'a> {
     Kill9,
@@ -429,7 +416,7 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>) {
     .await;
     let stream = common::unique_name("odoo-cdc-test-eo");
     let cfg = config(url, &stream);
-    let mut connector = spawn_connector(&db, url, &stream);
+    let mut connector = spawn_connector(&db, url, &stream, FAULT_RUN);
     common::wait_for_slot(&db).await;
 
     let changes = Arc::new(AtomicU64::new(0));
@@ -440,7 +427,7 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>) {
         match &fault {
             Fault::Kill9 => {
                 connector.kill9();
-                connector = spawn_connector(&db, url, &stream);
+                connector = spawn_connector(&db, url, &stream, FAULT_RUN);
             }
             Fault::CloseAllConnections(broker) => {
                 let out = broker.ctl(&["close_all_connections", "test: connection closed"]);

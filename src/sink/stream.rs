@@ -197,12 +197,7 @@ pub async fn probe(cfg: &StreamConfig) -> Result<Probe, String> {
         .await
         .map_err(|e| e.replace(&cfg.endpoint.password, "***"))?;
     let r = conn
-        .call(t, "querying the producer's sequence", |c| {
-            Frame::new(wire::QUERY_PUBLISHER_SEQUENCE)
-                .u32(c)
-                .str(&cfg.producer)
-                .str(&cfg.stream)
-        })
+        .query_publisher_sequence(t, &cfg.producer, &cfg.stream)
         .await?;
     let probe = match r.code {
         wire::OK => Probe {
@@ -220,12 +215,7 @@ pub async fn probe(cfg: &StreamConfig) -> Result<Probe, String> {
             ));
         }
     };
-    let close = Frame::new(wire::CLOSE)
-        .u32(u32::MAX)
-        .u16(wire::OK)
-        .str("check done")
-        .finish();
-    let _ = conn.send(&close, t).await;
+    conn.close(t, "check done").await;
     Ok(probe)
 }
 
@@ -344,12 +334,7 @@ impl StreamSink {
             }
         }
         let r = conn
-            .call(t, "querying the producer's sequence", |c| {
-                Frame::new(wire::QUERY_PUBLISHER_SEQUENCE)
-                    .u32(c)
-                    .str(&cfg.producer)
-                    .str(&cfg.stream)
-            })
+            .query_publisher_sequence(t, &cfg.producer, &cfg.stream)
             .await
             .map_err(fail)?;
         wire::expect_ok("querying the producer's sequence", r.code).map_err(fail)?;
@@ -592,11 +577,7 @@ async fn write_loop(
         };
         let publisher = match first {
             Out::Close => {
-                let close = Frame::new(wire::CLOSE)
-                    .u32(u32::MAX)
-                    .u16(wire::OK)
-                    .str("odoo-cdc shutting down")
-                    .finish();
+                let close = wire::close_frame("odoo-cdc shutting down");
                 let _ = write_flush(&mut w, &close).await;
                 return;
             }

@@ -48,12 +48,7 @@ pub async fn read_stream(
         let credit = Frame::new(wire::CREDIT).u8(0).u16(1).finish();
         conn.send(&credit, t).await?;
     }
-    let close = Frame::new(wire::CLOSE)
-        .u32(u32::MAX)
-        .u16(wire::OK)
-        .str("done")
-        .finish();
-    let _ = conn.send(&close, t).await;
+    conn.close(t, "done").await;
     out.truncate(limit);
     Ok(out)
 }

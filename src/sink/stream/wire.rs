@@ -442,6 +442,35 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// `QueryPublisherSequence`: the producer's last stored publishing id in
+    /// the body when the code is OK.
+    pub async fn query_publisher_sequence(
+        &mut self,
+        timeout: Duration,
+        producer: &str,
+        stream: &str,
+    ) -> Result<Response, String> {
+        self.call(timeout, "querying the producer's sequence", |c| {
+            Frame::new(QUERY_PUBLISHER_SEQUENCE)
+                .u32(c)
+                .str(producer)
+                .str(stream)
+        })
+        .await
+    }
+
+    /// Says goodbye without waiting for the answer (the socket closes on drop).
+    pub async fn close(mut self, timeout: Duration, reason: &str) {
+        let _ = self.send(&close_frame(reason), timeout).await;
+    }
+}
+
+/// A `Close` request; its answer is not correlated with anything.
+pub fn close_frame(reason: &str) -> Vec<u8> {
+    Frame::new(CLOSE).u32(u32::MAX).u16(OK).str(reason).finish()
+}
+
 pub fn expect_ok(what: &str, code: u16) -> Result<(), String> {
     if code == OK {
         Ok(())
