@@ -1046,6 +1046,45 @@ mod tests {
     }
 
     #[test]
+    fn stream_options_select_the_stream_sink() {
+        let url = "rabbitmq-stream://u:hunter2@h:5552/%2f";
+        let r = raw(
+            vec![("source", "postgres://u@h/db"), ("slot", "s1")],
+            None,
+            &[("ODOO_CDC_STREAM_URL", url)],
+        )
+        .unwrap();
+        let s = Settings::from_raw(&r).unwrap();
+        assert_eq!(s.stream_url.as_ref().map(AmqpUrl::expose), Some(url));
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(
+            (s.stream.as_str(), s.stream_producer.as_str()),
+            ("odoo.cdc", "odoo-cdc-s1")
+        );
+
+        let both = raw(
+            vec![("source", "postgres://u@h/db"), ("amqp", "amqp://h")],
+            None,
+            &[("ODOO_CDC_STREAM_URL", url)],
+        )
+        .unwrap();
+        let e = Settings::from_raw(&both).unwrap_err().to_string();
+        assert!(e.contains("either --amqp or --stream-url"), "{e}");
+
+        let bad = raw(
+            vec![("source", "postgres://u@h/db"), ("stream_url", "amqp://h")],
+            None,
+            &[],
+        )
+        .unwrap();
+        let e = Settings::from_raw(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("`stream_url`") && e.contains("rabbitmq-stream://"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn secrets_are_redacted() {
         let u = AmqpUrl(Secret::from(
             "amqp://guest:hunter2@host:5672/%2f".to_string(),
