@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local services for the tests and the demo: a throwaway PostgreSQL cluster with
-# wal_level=logical on port 54329, and a RabbitMQ broker on 127.0.0.1:5672.
+# wal_level=logical on port 54329, and a RabbitMQ broker on 127.0.0.1:5672 with
+# the stream plugin (rabbitmq_stream, port 5552; see docs/streams.md).
 #
 #   scripts/services.sh up     # idempotent: create/start what is missing
 #   scripts/services.sh down   # stop and delete the throwaway cluster (RabbitMQ is left running)
@@ -17,6 +18,7 @@ PGDATA="$STATE_DIR/pgdata"
 PG_LOG="$STATE_DIR/postgres.log"
 PG_SOCKET_DIR="$STATE_DIR/socket"
 AMQP_URL="${ODOO_CDC_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+STREAM_URL="${ODOO_CDC_TEST_STREAM:-rabbitmq-stream://guest:guest@127.0.0.1:5552/%2f}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -179,12 +181,32 @@ rabbit_up() {
   # earlier fault-injection run: clear the ones tests may set.
   timeout 20 rabbitmqctl -q set_vm_memory_high_watermark 0.4 >/dev/null 2>&1 || true
   timeout 20 rabbitmqctl -q set_disk_free_limit 50MB >/dev/null 2>&1 || true
+  enable_stream_plugin
+}
+
+# The stream sink (--sink stream) needs rabbitmq_stream, listening on 5552 by
+# default; its management extension is optional (only newer packages ship it
+# separately). Enabling an enabled plugin is a no-op, but asking first keeps
+# `up` quiet and fast when nothing changes.
+enable_stream_plugin() {
+  local enabled want=() p
+  enabled=$(timeout 30 rabbitmq-plugins -q list -e -m 2>/dev/null || true)
+  for p in rabbitmq_stream rabbitmq_stream_management; do
+    grep -qx "$p" <<<"$enabled" && continue
+    timeout 30 rabbitmq-plugins -q list -m "^$p\$" 2>/dev/null | grep -qx "$p" || continue
+    want+=("$p")
+  done
+  [ "${#want[@]}" = 0 ] && return 0
+  log "enabling RabbitMQ plugin(s) ${want[*]}"
+  timeout 60 rabbitmq-plugins -q enable "${want[@]}" >/dev/null \
+    || { log "could not enable ${want[*]}; see /var/log/rabbitmq"; exit 1; }
 }
 
 print_env() {
   cat <<ENV
 export ODOO_CDC_TEST_PG='postgres://postgres@127.0.0.1:$PG_PORT/postgres'
 export ODOO_CDC_TEST_AMQP='$AMQP_URL'
+export ODOO_CDC_TEST_STREAM='$STREAM_URL'
 export ODOO_CDC_TEST_PG_DATA='$PGDATA'
 export ODOO_CDC_TEST_PG_BIN='$(pg_bindir 2>/dev/null || true)'
 export ODOO_CDC_TEST_TLS_CA='$STATE_DIR/tls/ca.crt'
@@ -197,7 +219,7 @@ case "$cmd" in
   up)
     pg_up
     rabbit_up
-    log "ready: PostgreSQL 127.0.0.1:$PG_PORT (wal_level=logical), RabbitMQ 127.0.0.1:5672"
+    log "ready: PostgreSQL 127.0.0.1:$PG_PORT (wal_level=logical), RabbitMQ 127.0.0.1:5672 (streams on 5552)"
     ;;
   down)
     if pg_running; then pg_ctl_cmd stop -m fast >/dev/null || true; fi

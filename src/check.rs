@@ -241,7 +241,37 @@ pub async fn findings(settings: &Settings) -> Result<Vec<Finding>, String> {
             out.push(Finding::ok(format!("max_slot_wal_keep_size = {keep}")));
         }
     }
+    if let Some(cfg) = crate::supervisor::stream_config(settings) {
+        out.push(stream_finding(cfg?).await);
+    }
     Ok(out)
+}
+
+/// `--stream-url`: the stream port answers, and the stream is there (or run
+/// may create it). See docs/streams.md.
+async fn stream_finding(cfg: crate::sink::stream::StreamConfig) -> Finding {
+    let at = format!("{} (stream {:?})", cfg.redacted_url(), cfg.stream);
+    match crate::sink::stream::probe(&cfg).await {
+        Err(e) => Finding::block(
+            format!("RabbitMQ stream port at {at}: {e}"),
+            "rabbitmq-plugins enable rabbitmq_stream (listens on 5552); check host, port, user and vhost in --stream-url",
+        ),
+        Ok(p) if p.stream_exists => Finding::ok(format!(
+            "RabbitMQ stream {at} reachable; producer {:?} last stored publishing id {}",
+            cfg.producer, p.last_publishing_id
+        )),
+        Ok(_) if cfg.declare => Finding::ok(format!(
+            "RabbitMQ stream port reachable; stream {:?} does not exist yet: run creates it",
+            cfg.stream
+        )),
+        Ok(_) => Finding::block(
+            format!("stream {at} does not exist and --no-declare is set"),
+            format!(
+                "create it, e.g. rabbitmqadmin declare queue name={} queue_type=stream durable=true",
+                cfg.stream
+            ),
+        ),
+    }
 }
 
 /// Tables the run would capture, and what stands in the way: the profile,

@@ -35,6 +35,9 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
     let broker_only = [
         "amqp",
         "exchange",
+        "stream_url",
+        "stream",
+        "stream_producer",
         "no_declare",
         "queue",
         "queue_type",
@@ -58,6 +61,10 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
             "check" => matches!(
                 *k,
                 "source"
+                    | "stream_url"
+                    | "stream"
+                    | "stream_producer"
+                    | "no_declare"
                     | "slot"
                     | "publication"
                     | "log_format"
@@ -104,13 +111,17 @@ pub fn heading(key: &str) -> &'static str {
         | "publication_mode"
         | "insert_only_tables_without_key" => "Slot & publication",
         "amqp" | "exchange" | "no_declare" | "queue" | "queue_type" | "queue_binding"
-        | "routing_prefix" | "routing_template" | "unroutable" => "Broker (RabbitMQ)",
+        | "routing_prefix" | "routing_template" | "unroutable" | "stream_url" | "stream"
+        | "stream_producer" => "Broker (RabbitMQ)",
         "include" | "exclude" | "exclude_column" | "profile" | "translation_lang" => "Selection",
         "snapshot" | "snapshot_workers" | "snapshot_chunk_rows" => "Snapshot",
         "granularity"
         | "format"
         | "window"
         | "max_events_per_message"
+        | "max_message_bytes"
+        | "on_oversized"
+        | "max_buffered_mb"
         | "confirm_timeout_secs"
         | "on_decode_error"
         | "stream_memory_mb"
@@ -120,8 +131,13 @@ pub fn heading(key: &str) -> &'static str {
 }
 
 /// Options a command cannot start without (from a flag, the environment or the file).
-fn required_for(cmd: &str, key: &str) -> bool {
-    key == "source" || (cmd == "run" && key == "amqp")
+fn required_for(cmd: &str, key: &str) -> Option<&'static str> {
+    match (cmd, key) {
+        (_, "source") => Some("(required) "),
+        // `run` needs a broker: one of the two (checked after parsing).
+        ("run", "amqp") => Some("(required, or --stream-url) "),
+        _ => None,
+    }
 }
 
 /// Accepted only to be refused with a reason (see [`refuse_temporary`]), so
@@ -138,8 +154,8 @@ fn with_options(mut cmd: Command, name: &str) -> Command {
         let long: &'static str = Box::leak(key.replace('_', "-").into_boxed_str());
         let env = format!("ODOO_CDC_{}", key.to_ascii_uppercase());
         let mut marks = String::new();
-        if required_for(name, key) {
-            marks.push_str("(required) ");
+        if let Some(mark) = required_for(name, key) {
+            marks.push_str(mark);
         }
         if *kind == Kind::List {
             marks.push_str("(repeatable) ");
@@ -283,7 +299,7 @@ where
             if let Err(e) = refuse_temporary(&raw, &settings, "run") {
                 return Ok(Err(e));
             }
-            if settings.amqp.is_none() {
+            if settings.amqp.is_none() && settings.stream_url.is_none() {
                 return Ok(Err(ConfigError::Missing {
                     key: "amqp",
                     flag: "amqp".into(),

@@ -61,6 +61,21 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
         "topic exchange to publish to [default: odoo.cdc]",
     ),
     (
+        "stream_url",
+        Kind::Single,
+        "instead of --amqp: append to a RabbitMQ stream, exactly once (rabbitmq-stream://user:pass@host:5552/vhost; see docs/streams.md)",
+    ),
+    (
+        "stream",
+        Kind::Single,
+        "with --stream-url: the stream's name [default: odoo.cdc]",
+    ),
+    (
+        "stream_producer",
+        Kind::Single,
+        "with --stream-url: producer name the broker deduplicates by; one per slot [default: odoo-cdc-<slot>]",
+    ),
+    (
         "no_declare",
         Kind::Flag,
         "do not declare the exchange (locked-down brokers)",
@@ -609,6 +624,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub amqp: Option<AmqpUrl>,
     pub exchange: String,
+    /// `--stream-url`: the stream sink instead of the AMQP one.
+    pub stream_url: Option<AmqpUrl>,
+    pub stream: String,
+    pub stream_producer: String,
     pub declare_exchange: bool,
     pub queue: Option<String>,
     pub queue_type: QueueType,
@@ -675,6 +694,28 @@ impl Settings {
                 Some(AmqpUrl(Secret::from(u)))
             }
         };
+        let stream_url = match raw.string("stream_url") {
+            None => None,
+            Some(_) if amqp.is_some() => {
+                return Err(
+                    raw.invalid("stream_url", "give either --amqp or --stream-url, not both")
+                );
+            }
+            Some(u) => {
+                crate::sink::stream::wire::Endpoint::parse(&u)
+                    .map_err(|e| raw.invalid("stream_url", e))?;
+                Some(AmqpUrl(Secret::from(u)))
+            }
+        };
+        let stream_producer = raw
+            .string("stream_producer")
+            .unwrap_or_else(|| crate::sink::stream::default_producer(&slot));
+        let stream = raw.string("stream").unwrap_or_else(|| "odoo.cdc".into());
+        for (key, name) in [("stream", &stream), ("stream_producer", &stream_producer)] {
+            if name.is_empty() || name.len() > 255 {
+                return Err(raw.invalid(key, "must have 1 to 255 bytes"));
+            }
+        }
         let metrics_addr = match raw.string("metrics_addr") {
             None => None,
             Some(a) => Some(a.parse().map_err(|_| {
@@ -769,6 +810,9 @@ impl Settings {
             )?,
             amqp,
             exchange: raw.string("exchange").unwrap_or_else(|| "odoo.cdc".into()),
+            stream_url,
+            stream,
+            stream_producer,
             declare_exchange: !raw.flag("no_declare")?,
             queue: raw.string("queue"),
             queue_type: raw.choice(
@@ -1070,6 +1114,45 @@ mod tests {
         .unwrap();
         let e = Settings::from_raw(&r).unwrap_err().to_string();
         assert!(e.contains("`exclude_column`"), "{e}");
+    }
+
+    #[test]
+    fn stream_options_select_the_stream_sink() {
+        let url = "rabbitmq-stream://u:hunter2@h:5552/%2f";
+        let r = raw(
+            vec![("source", "postgres://u@h/db"), ("slot", "s1")],
+            None,
+            &[("ODOO_CDC_STREAM_URL", url)],
+        )
+        .unwrap();
+        let s = Settings::from_raw(&r).unwrap();
+        assert_eq!(s.stream_url.as_ref().map(AmqpUrl::expose), Some(url));
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(
+            (s.stream.as_str(), s.stream_producer.as_str()),
+            ("odoo.cdc", "odoo-cdc-s1")
+        );
+
+        let both = raw(
+            vec![("source", "postgres://u@h/db"), ("amqp", "amqp://h")],
+            None,
+            &[("ODOO_CDC_STREAM_URL", url)],
+        )
+        .unwrap();
+        let e = Settings::from_raw(&both).unwrap_err().to_string();
+        assert!(e.contains("either --amqp or --stream-url"), "{e}");
+
+        let bad = raw(
+            vec![("source", "postgres://u@h/db"), ("stream_url", "amqp://h")],
+            None,
+            &[],
+        )
+        .unwrap();
+        let e = Settings::from_raw(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("`stream_url`") && e.contains("rabbitmq-stream://"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::pipeline::{PipelineError, Stopped, run_session};
 use crate::retention::RetentionConfig;
 use crate::sink::rabbitmq::{QueueSpec, QueueType, RabbitConfig, RabbitSink, UnroutablePolicy};
 use crate::sink::stdout::StdoutSink;
+use crate::sink::stream::{StreamConfig, StreamSink};
 use crate::sink::{Sink, SinkError};
 use crate::slot::SlotError;
 
@@ -103,12 +104,43 @@ pub fn rabbit_config(settings: &Settings) -> Option<Result<RabbitConfig, String>
     Some(Ok(cfg))
 }
 
+/// The stream sink's settings; `None` without `--stream-url`.
+pub fn stream_config(settings: &Settings) -> Option<Result<StreamConfig, String>> {
+    let url = settings.stream_url.as_ref()?;
+    Some(
+        StreamConfig::new(url.expose(), &settings.stream, &settings.stream_producer).map(
+            |mut c| {
+                c.declare = settings.declare_exchange;
+                c.confirm_timeout = settings.confirm_timeout;
+                c
+            },
+        ),
+    )
+}
+
 /// `odoo-cdc run`: sessions to RabbitMQ until shutdown (exit 0) or a fatal
 /// error (its exit code).
 pub async fn run<F>(settings: Settings, shutdown: F) -> ExitCode
 where
     F: std::future::Future<Output = ()>,
 {
+    if let Some(cfg) = stream_config(&settings) {
+        let cfg = match cfg {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid --stream-url");
+                return ExitCode::from(2);
+            }
+        };
+        let metrics = Arc::new(Metrics::new());
+        let stats = Arc::clone(&cfg.stats);
+        metrics.add_render_hook(Box::new(move |out| stats.render(out)));
+        let connect = move || StreamSink::connect(cfg.clone());
+        return with_endpoint(&settings, metrics.clone(), async {
+            supervise(&settings, metrics, connect, shutdown).await
+        })
+        .await;
+    }
     let rabbit = match rabbit_config(&settings) {
         None => {
             tracing::error!("run needs --amqp");

@@ -68,25 +68,7 @@ async fn committed_ids(db_url: &str, upto: &str) -> Vec<String> {
         )
         .await
         .expect("read the reference slot");
-    let mut ids = Vec::new();
-    let mut commit_lsn = 0u64;
-    let mut seq = 0u32;
-    for r in rows {
-        let data: Vec<u8> = r.get(0);
-        match data.first() {
-            Some(b'B') => {
-                commit_lsn = u64::from_be_bytes(data[1..9].try_into().unwrap());
-                seq = 0;
-            }
-            Some(b'I' | b'U' | b'D') => {
-                ids.push(format!("{commit_lsn:016X}-{seq:08}"));
-                seq += 1;
-            }
-            Some(b'T') => panic!("the workload does not truncate"),
-            _ => {}
-        }
-    }
-    ids
+    common::change_ids(rows.iter().map(|r| r.get::<_, &[u8]>(0)))
 }
 
 async fn current_lsn(url: &str) -> String {

@@ -1,4 +1,5 @@
-//! Where encoded events go: RabbitMQ ([`rabbitmq`]) or standard output ([`stdout`]).
+//! Where encoded events go: RabbitMQ ([`rabbitmq`]), a RabbitMQ stream
+//! ([`stream`]) or standard output ([`stdout`]).
 //!
 //! A sink only *delivers*; it never decides what is safe to acknowledge to
 //! Postgres. Each publish hands back a [`Confirm`], and the pipeline feeds
@@ -14,6 +15,7 @@ use bytes::Bytes;
 
 pub mod rabbitmq;
 pub mod stdout;
+pub mod stream;
 
 /// One message ready for the transport, already encoded.
 #[derive(Debug, Clone, PartialEq)]

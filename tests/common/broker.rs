@@ -4,7 +4,8 @@
 //! shared broker on 5672 that other tests use. Started with the distribution's
 //! own scripts under `/usr/lib/rabbitmq/bin` (the `/usr/sbin` wrappers switch to
 //! the `rabbitmq` user and drop the environment that makes the node private).
-//! Dropping it stops the node and deletes its directory.
+//! Dropping it stops the node and deletes its directory. The stream plugin is
+//! on, listening on a free port of its own ([`PrivateBroker::stream_url`]).
 //!
 //! Also here: a consumer that survives the broker going away (it reconnects and
 //! keeps everything it got), which a test of broker outages needs.
@@ -22,6 +23,8 @@ const BIN: &str = "/usr/lib/rabbitmq/bin";
 pub struct PrivateBroker {
     pub dir: PathBuf,
     pub port: u16,
+    /// The `rabbitmq_stream` listener.
+    pub stream_port: u16,
     pub node: String,
     dist_port: u16,
 }
@@ -62,11 +65,15 @@ impl PrivateBroker {
         std::fs::create_dir_all(dir.join("log")).unwrap();
         let port = pick_port(&[]);
         let dist_port = pick_port(&[port]);
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        let stream_port = pick_port(&[port, dist_port]);
+        std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_stream].\n").unwrap();
         std::fs::write(
             dir.join("rabbitmq.conf"),
             format!(
                 "listeners.tcp.1 = 127.0.0.1:{port}\n\
+                 stream.listeners.tcp.1 = 127.0.0.1:{stream_port}\n\
+                 stream.advertised_host = 127.0.0.1\n\
+                 stream.advertised_port = {stream_port}\n\
                  disk_free_limit.absolute = 50MB\n\
                  vm_memory_high_watermark.relative = 0.4\n"
             ),
@@ -78,6 +85,7 @@ impl PrivateBroker {
         let broker = PrivateBroker {
             dir,
             port,
+            stream_port,
             node: format!("{name}@localhost"),
             dist_port,
         };
@@ -146,6 +154,7 @@ impl PrivateBroker {
                 .status
                 .success()
                 && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.stream_port)).is_ok()
             {
                 return;
             }
@@ -162,6 +171,14 @@ impl PrivateBroker {
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
     pub fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `rabbitmq-stream://guest:guest@127.0.0.1:STREAM_PORT/%2f`.
+    pub fn stream_url(&self) -> String {
+        format!(
+            "rabbitmq-stream://guest:guest@127.0.0.1:{}/%2f",
+            self.stream_port
+        )
     }
 
     pub fn host_port(&self) -> String {

@@ -473,6 +473,30 @@ pub fn run_args<'a>(db: &'a TestDb, exchange: &'a str, amqp: &'a str) -> Vec<&'a
     ]
 }
 
+/// The connector's `message_id` (`<commit LSN>-<seq>`) of every row change in
+/// pgoutput (proto 1) messages as `pg_logical_slot_get_binary_changes` returns
+/// them: a reference slot's view of what was committed, in commit order.
+/// Panics on a truncate, which no caller's workload does.
+pub fn change_ids<'a>(messages: impl IntoIterator<Item = &'a [u8]>) -> Vec<String> {
+    let mut ids = Vec::new();
+    let (mut commit_lsn, mut seq) = (0u64, 0u32);
+    for data in messages {
+        match data.first() {
+            Some(b'B') => {
+                commit_lsn = u64::from_be_bytes(data[1..9].try_into().unwrap());
+                seq = 0;
+            }
+            Some(b'I' | b'U' | b'D') => {
+                ids.push(format!("{commit_lsn:016X}-{seq:08}"));
+                seq += 1;
+            }
+            Some(b'T') => panic!("the workload does not truncate"),
+            _ => {}
+        }
+    }
+    ids
+}
+
 /// Waits until the connector created the slot named after the database.
 pub async fn wait_for_slot(db: &TestDb) {
     for _ in 0..400 {
