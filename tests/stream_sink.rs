@@ -49,7 +49,7 @@ fn message(commit_lsn: u64, seq: u32) -> OutgoingMessage {
     OutgoingMessage {
         routing_key: "odoo.public.sale_order.update".into(),
         body: Bytes::from(format!("{{\"seq\":{seq}}}")),
-        message_id: message_id(Lsn(commit_lsn), seq),
+        message_id: message_id(Lsn(commit_lsn), u64::from(seq)),
         content_type: "application/json",
         timestamp: 1_700_000_000,
         kind: "sale.order.update".into(),

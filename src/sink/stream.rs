@@ -60,22 +60,28 @@ pub const MAX_LSN: u64 = 1 << (64 - SEQ_BITS + LSN_SHIFT);
 /// distinct commit LSNs at least 40 bytes apart (the smallest commit record,
 /// 8-byte aligned), so `commit_lsn >> 5` strictly increases from one to the
 /// next, and `seq` counts up from 0 inside each.
-pub fn publishing_id(commit_lsn: u64, seq: u32) -> Option<u64> {
-    if u64::from(seq) >= 1 << SEQ_BITS || commit_lsn >= MAX_LSN {
+pub fn publishing_id(commit_lsn: u64, seq: u64) -> Option<u64> {
+    if seq >= 1 << SEQ_BITS || commit_lsn >= MAX_LSN {
         return None;
     }
-    Some((commit_lsn >> LSN_SHIFT) << SEQ_BITS | u64::from(seq))
+    Some((commit_lsn >> LSN_SHIFT) << SEQ_BITS | seq)
 }
 
 /// `(commit_lsn, seq)` from a change's `message_id`
 /// (`<commit LSN, 16 hex digits>-<seq, 8 digits>`); `None` for snapshot rows
 /// and dead letters, whose ids have another shape.
-pub fn wal_position(message_id: &str) -> Option<(u64, u32)> {
+pub fn wal_position(message_id: &str) -> Option<(u64, u64)> {
     let (lsn, seq) = message_id.split_once('-')?;
     if lsn.len() != 16 || seq.len() != 8 || !seq.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     Some((u64::from_str_radix(lsn, 16).ok()?, seq.parse().ok()?))
+}
+
+/// A non-transactional logical message: it belongs to no transaction (xid 0).
+fn standalone(msg: &OutgoingMessage) -> bool {
+    matches!(msg.headers.get("x-xid"), Some(super::HeaderValue::Int(0)))
+        && matches!(msg.headers.get("x-op"), Some(super::HeaderValue::Str(op)) if op == "m")
 }
 
 /// Default producer name for a slot.
@@ -403,8 +409,18 @@ impl StreamSink {
     }
 
     /// Which producer and id a message goes out with; `None`: already stored.
-    fn route(&mut self, message_id: &str) -> Result<Option<(u8, u64)>, SinkError> {
-        let named = wal_position(message_id).and_then(|(lsn, seq)| publishing_id(lsn, seq));
+    /// `standalone`: a non-transactional logical message, whose position
+    /// (the last byte of its record) can be one byte before the next commit,
+    /// closer than the id function's 32-byte resolution: it goes out
+    /// at-least-once, like snapshot rows.
+    fn route(
+        &mut self,
+        message_id: &str,
+        standalone: bool,
+    ) -> Result<Option<(u8, u64)>, SinkError> {
+        let named = wal_position(message_id)
+            .filter(|_| !standalone)
+            .and_then(|(lsn, seq)| publishing_id(lsn, seq));
         match named {
             Some(id) if id <= self.stored => {
                 self.skipped += 1;
@@ -454,7 +470,7 @@ impl Drop for StreamSink {
 
 impl Sink for StreamSink {
     async fn publish(&mut self, msg: OutgoingMessage) -> Result<Confirm, SinkError> {
-        let Some((publisher, id)) = self.route(&msg.message_id)? else {
+        let Some((publisher, id)) = self.route(&msg.message_id, standalone(&msg))? else {
             return Ok(Confirm::Pending(Box::pin(std::future::ready(Ok(())))));
         };
         let data = amqp::encode(&amqp::Parts {
