@@ -92,6 +92,13 @@ struct Args {
     /// Rows of the RSS scenarios (one transaction of N rows; N one-row transactions).
     #[arg(long, default_value_t = 1_000_000)]
     rss_rows: u64,
+    /// Rows of the wide-row RSS scenario (one-row transactions of --wide-mb each).
+    #[arg(long, default_value_t = 1_000)]
+    wide_rows: u64,
+    /// Size of each wide row's text value, MB (Odoo mail bodies, attachments in
+    /// the database).
+    #[arg(long, default_value_t = 5)]
+    wide_mb: u64,
     /// Phases to skip (comma separated: throughput, latency, rss).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
@@ -129,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         args.rows = args.rows.min(2_000);
         args.big_txns = args.big_txns.min(1);
         args.rss_rows = args.rss_rows.min(2_000);
+        args.wide_rows = args.wide_rows.min(5);
         args.latency_seconds = args.latency_seconds.min(2);
         args.latency_rate = args.latency_rate.min(100);
         args.queues.truncate(1);
@@ -197,7 +205,7 @@ impl Bench {
         let client = connect(&db_url).await?;
         client
             .batch_execute(&format!(
-                "{SCHEMA}\nCREATE PUBLICATION {PUBLICATION} FOR TABLE sale_order_line;"
+                "{SCHEMA}\nCREATE PUBLICATION {PUBLICATION} FOR TABLE sale_order_line, mail_blob;"
             ))
             .await
             .context("creating the schema")?;
@@ -806,14 +814,36 @@ impl Bench {
     async fn rss(&self) -> anyhow::Result<Value> {
         let n = self.args.rss_rows;
         let mut out = Vec::new();
-        for (what, one_txn) in [
-            (format!("one transaction of {n} rows"), true),
-            (format!("{n} one-row transactions"), false),
+        let wide = self.args.wide_rows;
+        let mb = self.args.wide_mb;
+        for (what, kind) in [
+            (format!("one transaction of {n} rows"), "big"),
+            (format!("{n} one-row transactions"), "small"),
+            (format!("{wide} one-row transactions of {mb} MB"), "wide"),
         ] {
-            let slot = format!("bench_rss_{}", if one_txn { "big" } else { "small" });
+            let one_txn = kind == "big";
+            let slot = format!("bench_rss_{kind}");
             self.create_slot(&slot).await?;
             eprintln!("loading {what}...");
-            if one_txn {
+            let changes = if kind == "wide" { wide } else { n + 1 };
+            if kind == "wide" {
+                // Random-looking text that TOAST cannot compress away: the
+                // walsender sends each value whole.
+                self.client
+                    .batch_execute("SET synchronous_commit = off")
+                    .await?;
+                // Alone in its query: COMMIT inside DO needs no outer block.
+                self.client
+                    .batch_execute(&format!(
+                        "DO $$ BEGIN FOR i IN 1..{wide} LOOP
+                           INSERT INTO mail_blob (body)
+                           SELECT string_agg(md5(i::text || g::text), '')
+                           FROM generate_series(1, {mb} * 1000000 / 32) g;
+                           COMMIT;
+                         END LOOP; END $$;"
+                    ))
+                    .await?;
+            } else if one_txn {
                 self.client
                     .batch_execute(&format!(
                         "SET synchronous_commit = off; {}",
@@ -836,7 +866,8 @@ impl Bench {
             let channel = self.channel().await?;
             broker::declare_exchange(&channel, &exchange).await?;
             let mut cap = FieldTable::default();
-            cap.insert("x-max-length".into(), AMQPValue::LongLongInt(10_000));
+            let keep = if kind == "wide" { 10 } else { 10_000 };
+            cap.insert("x-max-length".into(), AMQPValue::LongLongInt(keep));
             broker::declare_queue(&channel, &exchange, &exchange, "classic", cap).await?;
             eprintln!("measuring odoo-cdc run (row granularity) on {what}...");
             let mut p = Measured::spawn(self.run_command(&slot, &exchange, "row"), false)?;
@@ -857,10 +888,10 @@ impl Bench {
             broker::delete(&channel, &exchange, &exchange).await?;
             self.drop_slot(&slot).await?;
             out.push(json!({
-                "scenario": what, "changes": n + 1,
+                "scenario": what, "changes": changes,
                 "seconds": r3(usage.seconds),
-                "changes_per_s": ((n + 1) as f64 / usage.seconds).round(),
-                "cpu_s_per_million": r3(usage.cpu_seconds / (n + 1) as f64 * 1e6),
+                "changes_per_s": (changes as f64 / usage.seconds).round(),
+                "cpu_s_per_million": r3(usage.cpu_seconds / changes as f64 * 1e6),
                 "peak_rss_mib": r1(usage.peak_rss_kib as f64 / 1024.0),
             }));
         }
@@ -869,6 +900,7 @@ impl Bench {
 }
 
 const SCHEMA: &str = "
+CREATE TABLE mail_blob (id serial PRIMARY KEY, body text NOT NULL);
 CREATE TABLE sale_order_line (
     id               serial PRIMARY KEY,
     order_id         integer NOT NULL,
