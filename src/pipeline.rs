@@ -610,7 +610,29 @@ where
                     wal_start, data, ..
                 }) => {
                     metrics.add_wal_bytes(data.len());
-                    if let Err(e) = assembler.push(wal_start, &data) {
+                    let pushed = if data.first() == Some(&RELATION_TAG) {
+                        // Describing a table may query the catalog (up to
+                        // 90 s): never on the runtime's only thread, where it
+                        // would hold back the standby status updates too.
+                        let chunk = data.clone();
+                        let mut moved = std::mem::replace(
+                            &mut assembler,
+                            Assembler::new(Box::new(crate::transaction::PlainTables), 0, None),
+                        );
+                        let (back, r) = tokio::task::spawn_blocking(move || {
+                            let r = moved.push(wal_start, &chunk);
+                            (moved, r)
+                        })
+                        .await
+                        .map_err(|e| {
+                            PipelineError::Internal(format!("describing a table failed: {e}"))
+                        })?;
+                        assembler = back;
+                        r
+                    } else {
+                        assembler.push(wal_start, &data)
+                    };
+                    if let Err(e) = pushed {
                         let item = undecodable(e, policy, &dead_letter_key, Some(&data), &metrics)?;
                         send!(item);
                     }
@@ -889,6 +911,10 @@ fn truncate(s: &str) -> String {
     }
     format!("{}...", &s[..end])
 }
+
+/// pgoutput's Relation message tag: the one message whose handling may wait
+/// for the catalog.
+const RELATION_TAG: u8 = b'R';
 
 /// Room kept in a transaction message for its envelope (xid, LSN, time,
 /// part number) around the events.

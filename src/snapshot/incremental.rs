@@ -97,6 +97,30 @@ impl MvccSnapshot {
     }
 }
 
+/// Keys of the changes before the low watermark from transactions the
+/// chunk's snapshot did not see (committed, but not yet visible when it was
+/// taken): the chunk's rows for them are stale. `None` when such a change is
+/// a truncate (an empty key): the whole chunk is stale.
+fn unseen_keys<'a>(
+    recent: &'a VecDeque<(u64, u32, Vec<u8>)>,
+    low_seq: u64,
+    snapshot: &MvccSnapshot,
+) -> Option<HashSet<&'a [u8]>> {
+    let mut unseen = HashSet::new();
+    for (seq, xid, key) in recent {
+        if *seq >= low_seq {
+            break;
+        }
+        if !snapshot.sees(*xid) {
+            if key.is_empty() {
+                return None;
+            }
+            unseen.insert(key.as_slice());
+        }
+    }
+    Some(unseen)
+}
+
 /// Worker → reader.
 enum ToReader {
     Started {
@@ -463,8 +487,11 @@ impl Active {
             if self.window.is_some() {
                 self.truncated = true;
             }
-            // Everything read before the truncate is stale: treat it like a
-            // change invisible to every chunk snapshot taken before it.
+            // A truncate committed before a low watermark can still be
+            // invisible to that chunk's snapshot (committed in the WAL, not
+            // yet in the snapshot): the chunk would bring the truncated rows
+            // back. Remembered like a change with no key; see `unseen_keys`.
+            self.remember(ev.xid, Vec::new());
             return;
         }
         let ptr = Arc::as_ptr(t) as usize;
@@ -496,12 +523,16 @@ impl Active {
             if self.window.is_some() {
                 self.touched.insert(k.clone());
             }
-            self.recent.push_back((self.recent_next, ev.xid, k));
-            self.recent_next += 1;
-            if self.recent.len() > RECENT_CHANGES {
-                self.recent.pop_front();
-                self.recent_evicted = true;
-            }
+            self.remember(ev.xid, k);
+        }
+    }
+
+    fn remember(&mut self, xid: u32, key: Vec<u8>) {
+        self.recent.push_back((self.recent_next, xid, key));
+        self.recent_next += 1;
+        if self.recent.len() > RECENT_CHANGES {
+            self.recent.pop_front();
+            self.recent_evicted = true;
         }
     }
 
@@ -520,17 +551,10 @@ impl Active {
             // The table was truncated inside the window: the chunk is stale.
             return Outcome::Retry;
         }
-        // Changes before the low watermark from transactions the chunk's
-        // snapshot did not see (committed, but not yet visible when it was taken).
-        let mut unseen: HashSet<&[u8]> = HashSet::new();
-        for (seq, xid, key) in &self.recent {
-            if *seq >= self.low_seq {
-                break;
-            }
-            if !c.snapshot.sees(*xid) {
-                unseen.insert(key.as_slice());
-            }
-        }
+        let Some(unseen) = unseen_keys(&self.recent, self.low_seq, &c.snapshot) else {
+            // A truncate the chunk's snapshot did not see: read it again.
+            return Outcome::Retry;
+        };
         if self.recent_evicted
             && self
                 .recent
@@ -848,6 +872,25 @@ mod tests {
         assert!(!e.sees(10));
         // An xid from the previous epoch (close to 2^32) is old, so visible.
         assert!(e.sees(u32::MAX - 3));
+    }
+
+    /// A truncate committed before the low watermark but invisible to the
+    /// chunk's snapshot makes the chunk stale; a visible one does not, nor
+    /// does one after the low watermark (the window's own check covers it).
+    #[test]
+    fn an_unseen_truncate_before_the_low_watermark_makes_the_chunk_stale() {
+        let snapshot = MvccSnapshot::parse("100:110:105").unwrap();
+        let recent: VecDeque<(u64, u32, Vec<u8>)> = VecDeque::from(vec![
+            (0, 99, b"k1".to_vec()),
+            (1, 105, b"k2".to_vec()),
+            (2, 105, Vec::new()), // TRUNCATE by xid 105, not in the snapshot
+            (3, 120, Vec::new()),
+        ]);
+        assert!(unseen_keys(&recent, 3, &snapshot).is_none());
+        let unseen = unseen_keys(&recent, 2, &snapshot).unwrap();
+        assert_eq!(unseen, HashSet::from([&b"k2"[..]]));
+        let visible = MvccSnapshot::parse("200:210:").unwrap();
+        assert!(unseen_keys(&recent, 3, &visible).unwrap().is_empty());
     }
 
     #[test]
