@@ -41,19 +41,9 @@ const SLOT: &str = "cdc";
 const REFERENCE_SLOT: &str = "reference";
 
 async fn pg(url: &str) -> tokio_postgres::Client {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
-            Ok((c, conn)) => {
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                return c;
-            }
-            Err(e) if Instant::now() > deadline => panic!("cannot connect to {url}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    common::connect_retry(url, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
 }
 
 /// The ids of the changes committed before `upto` that the reference slot has

@@ -51,6 +51,24 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// Connects, retrying for up to `limit` while the server is not there yet (a
+/// cluster restarting, a proxy healing); the last error after that.
+pub async fn connect_retry(url: &str, limit: Duration) -> Result<Client, tokio_postgres::Error> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match tokio_postgres::connect(url, NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                return Ok(client);
+            }
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn unique_name(prefix: &str) -> String {
