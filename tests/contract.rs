@@ -23,11 +23,12 @@
 //! (SQL scripts per session, fault kinds and times; the interleaving of the
 //! sessions is up to the machine). `ODOO_CDC_CONTRACT_SECS` sets how long the
 //! workload and faults run (default 25 s, about a minute in all), e.g.
-//! `ODOO_CDC_CONTRACT_SECS=1800 cargo test --test contract -- --nocapture`.
+//! `ODOO_CDC_CONTRACT_SECS=1800 cargo test --test contract -- --nocapture`;
+//! `ODOO_CDC_CONTRACT_FAULTS=Kill9,Sigterm` picks faults from those only.
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -356,19 +357,22 @@ async fn commit_after_message(
     id: i64,
     prefix: &str,
     content: &str,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<String, tokio_postgres::Error> {
     a.batch_execute("BEGIN").await?;
     let r = async {
         a.batch_execute(&format!(
             "INSERT INTO acct (id, owner, n, note) VALUES ({id}, 'adjacent', 0, 'commits right after a message')"
         ))
         .await?;
-        b.execute(
-            "SELECT pg_logical_emit_message(false, $1, $2)",
-            &[&prefix, &content],
-        )
-        .await?;
-        a.batch_execute("COMMIT").await
+        let lsn: String = b
+            .query_one(
+                "SELECT pg_logical_emit_message(false, $1, $2)::text",
+                &[&prefix, &content],
+            )
+            .await?
+            .get(0);
+        a.batch_execute("COMMIT").await?;
+        Ok(lsn)
     }
     .await;
     if r.is_err() {
@@ -455,7 +459,8 @@ enum Fault {
     WalsenderTerminated,
     BrokerLinkStalled,
     PostgresLinkStalled,
-    /// kill -9 while a commit that follows a heartbeat waits for its confirm.
+    /// kill -9 while a commit that follows a heartbeat waits for its confirm
+    /// (the broker link black-holed, then cut: those publishes never arrive).
     Kill9AfterCommitAfterMessage,
 }
 
@@ -471,10 +476,30 @@ const FAULTS: [(Fault, u32); 9] = [
     (Fault::Kill9AfterCommitAfterMessage, 3),
 ];
 
-fn pick_fault(rng: &mut StdRng) -> Fault {
-    let total: u32 = FAULTS.iter().map(|f| f.1).sum();
+/// The faults to pick from: all, or those `ODOO_CDC_CONTRACT_FAULTS` names
+/// (comma separated, e.g. `Kill9,PostgresRestart`), to focus a run.
+fn fault_menu() -> Vec<(Fault, u32)> {
+    let Ok(only) = std::env::var("ODOO_CDC_CONTRACT_FAULTS") else {
+        return FAULTS.to_vec();
+    };
+    let names: Vec<&str> = only.split(',').map(str::trim).collect();
+    let menu: Vec<(Fault, u32)> = FAULTS
+        .iter()
+        .filter(|(f, _)| names.contains(&format!("{f:?}").as_str()))
+        .copied()
+        .collect();
+    assert!(
+        !menu.is_empty(),
+        "ODOO_CDC_CONTRACT_FAULTS={only:?} names none of {:?}",
+        FAULTS.map(|f| f.0)
+    );
+    menu
+}
+
+fn pick_fault(rng: &mut StdRng, menu: &[(Fault, u32)]) -> Fault {
+    let total: u32 = menu.iter().map(|f| f.1).sum();
     let mut x = rng.random_range(0..total);
-    for (f, w) in FAULTS {
+    for &(f, w) in menu {
         if x < w {
             return f;
         }
@@ -671,7 +696,7 @@ impl Rig {
                 self.pg_proxy.restore();
             }
             Fault::Kill9AfterCommitAfterMessage => {
-                let prefix = if rng.random_bool(0.7) {
+                let prefix = if rng.random_bool(0.85) {
                     HEARTBEAT
                 } else {
                     NT_PREFIX
@@ -691,13 +716,26 @@ impl Rig {
                     self.slot_reaches(&lsn, Duration::from_secs(5)).await;
                 }
                 self.amqp_proxy.stall();
-                let ok = commit_after_message(&a, &b, id, prefix, &shared.next_message())
-                    .await
-                    .is_ok();
-                shared.count("commit after a message (fault)", ok);
+                let r = commit_after_message(&a, &b, id, prefix, &shared.next_message()).await;
+                shared.count("commit after a message (fault)", r.is_ok());
                 // Status updates every second report what is safe.
                 sleep_ms(wait).await;
+                let flushed = a
+                    .query_one(
+                        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&SLOT],
+                    )
+                    .await
+                    .map(|r| r.get::<_, String>(0));
+                self.say(&format!(
+                    "  {prefix} message ending at {:?}, row {id} committed after it; \
+                     slot confirmed {:?} at the kill",
+                    r.as_ref().ok(),
+                    flushed.ok()
+                ));
                 self.kill9();
+                // The publishes still buffered in the black hole never arrive.
+                self.amqp_proxy.cut();
                 self.amqp_proxy.restore();
                 self.spawn_connector();
             }
@@ -1023,6 +1061,10 @@ struct Verdict {
     changes: usize,
     messages: usize,
     lost: Vec<String>,
+    /// Lost only to de-duplication: delivered under an id another event has.
+    hidden: usize,
+    /// Transactions with lost changes: xid, changes lost, changes in all.
+    lost_txns: Vec<(u64, usize, usize)>,
     extra: Vec<String>,
     mismatches: Vec<String>,
     /// One id, two different events.
@@ -1038,6 +1080,21 @@ impl Verdict {
     }
 }
 
+/// Where an event belongs: `t <xid> <seq>`, or `m <prefix> <content>` for a
+/// non-transactional message.
+fn position(ev: &Value) -> String {
+    let m = &ev["message"];
+    if ev["op"] == "m" && m["transactional"] == Value::Bool(false) {
+        format!(
+            "m {} {}",
+            m["prefix"].as_str().unwrap_or(""),
+            m["content"].as_str().unwrap_or("")
+        )
+    } else {
+        format!("t {} {}", ev["source"]["xid"], ev["source"]["seq"])
+    }
+}
+
 /// Compares the deliveries with the oracle: de-duplicated by `message_id`
 /// (two different bodies under one id is a collision), every committed change
 /// must be there once, in place, with its content, and nothing else.
@@ -1048,21 +1105,35 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
     };
     // De-duplicate by message_id: the first delivery is what a consumer keeps.
     let mut by_id: HashMap<&str, &Delivery> = HashMap::new();
+    // Events a consumer drops as duplicates because another event has their id.
+    let mut hidden: HashSet<String> = HashSet::new();
     for d in deliveries {
         match by_id.get(d.message_id.as_str()) {
             None => {
                 by_id.insert(d.message_id.as_str(), d);
             }
             Some(first) if first.body == d.body => v.duplicates += 1,
-            Some(first) => v.collisions.push(format!(
-                "id {} names two events: {} and {}",
-                d.message_id,
-                String::from_utf8_lossy(&first.body),
-                String::from_utf8_lossy(&d.body)
-            )),
+            Some(first) => {
+                v.collisions.push(format!(
+                    "id {} names two events: {} and {}",
+                    d.message_id,
+                    String::from_utf8_lossy(&first.body),
+                    String::from_utf8_lossy(&d.body)
+                ));
+                hidden.insert(position(&d.json()));
+            }
         }
     }
     v.unique = by_id.len();
+    let lost = |v: &mut Verdict, position: String, what: String| {
+        if hidden.contains(&position) {
+            v.hidden += 1;
+            v.lost
+                .push(format!("{what} (delivered, but under the id of another event)"));
+        } else {
+            v.lost.push(what);
+        }
+    };
     // Events of transactions by (xid, seq); non-transactional messages by content.
     let mut by_pos: HashMap<(u64, u64), (&str, Value)> = HashMap::new();
     let mut nt: HashMap<(String, String), usize> = HashMap::new();
@@ -1094,6 +1165,7 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
     for t in &oracle.txns {
         v.txns += 1;
         let mut commit_lsn: Option<u64> = None;
+        let (lost_before, changes_before) = (v.lost.len(), v.changes);
         for (seq, change) in t.changes.iter().enumerate() {
             let seq = seq as u64;
             if let Change::Message { prefix, .. } = change
@@ -1107,10 +1179,11 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
             }
             v.changes += 1;
             let Some((id, ev)) = by_pos.remove(&(t.xid, seq)) else {
-                v.lost.push(format!(
-                    "xid {} change {seq}: {change:.200?}",
-                    t.xid
-                ));
+                lost(
+                    &mut v,
+                    format!("t {} {seq}", t.xid),
+                    format!("xid {} change {seq}: {change:.200?}", t.xid),
+                );
                 continue;
             };
             let lsn = ev["source"]["commit_lsn"]
@@ -1126,6 +1199,10 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
                 v.mismatches
                     .push(format!("{id} (xid {} seq {seq}): {why}", t.xid));
             }
+        }
+        if v.lost.len() > lost_before {
+            v.lost_txns
+                .push((t.xid, v.lost.len() - lost_before, v.changes - changes_before));
         }
         if let Some(c) = commit_lsn {
             if c <= last_commit {
@@ -1146,7 +1223,11 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
         v.messages += 1;
         match nt.get_mut(key) {
             Some(n) if *n > 0 => *n -= 1,
-            _ => v.lost.push(format!("non-transactional message {key:?}")),
+            _ => lost(
+                &mut v,
+                format!("m {} {}", key.0, key.1),
+                format!("non-transactional message {key:?}"),
+            ),
         }
     }
     for (key, n) in nt {
@@ -1156,6 +1237,28 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
         }
     }
     v
+}
+
+/// For each xid, its commit record in a `pg_waldump` listing and the record
+/// just before it.
+fn records_before_commits(dump: &str, xids: &[u64]) -> HashMap<u64, (String, String)> {
+    let mut out = HashMap::new();
+    let mut prev = "";
+    for line in dump.lines() {
+        if line.contains("desc: COMMIT")
+            && let Some(tx) = line
+                .split("tx:")
+                .nth(1)
+                .and_then(|r| r.split(',').next())
+                .and_then(|x| x.trim().parse::<u64>().ok())
+            && xids.contains(&tx)
+        {
+            let short = |l: &str| l.chars().take(220).collect::<String>();
+            out.insert(tx, (short(prev), short(line)));
+        }
+        prev = line;
+    }
+    out
 }
 
 // ---------------------------------------------------------------- the test
@@ -1281,6 +1384,7 @@ async fn delivered_events_equal_the_committed_changes_under_faults() {
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults: BTreeMap<Fault, u32> = BTreeMap::new();
+    let menu = fault_menu();
     let end = Instant::now() + Duration::from_secs(secs);
     loop {
         let pause = rng.random_range(500..2500);
@@ -1289,7 +1393,7 @@ async fn delivered_events_equal_the_committed_changes_under_faults() {
         }
         sleep_ms(pause).await;
         rig.check_alive();
-        let fault = pick_fault(&mut rng);
+        let fault = pick_fault(&mut rng, &menu);
         rig.say(&format!("fault: {fault:?}"));
         rig.inject(fault, &mut rng, &shared).await;
         *faults.entry(fault).or_default() += 1;
@@ -1370,8 +1474,10 @@ async fn delivered_events_equal_the_committed_changes_under_faults() {
         v.txns, v.changes, v.messages, v.deliveries, v.unique
     );
     eprintln!(
-        "lost: {}, duplicates (allowed): {}, extra: {}, mismatches: {}, ids naming two events: {}",
+        "lost: {} ({} of them delivered under an id another event has), duplicates (allowed): {}, \
+         extra: {}, mismatches: {}, ids naming two events: {}",
         v.lost.len(),
+        v.hidden,
         v.duplicates,
         v.extra.len(),
         v.mismatches.len(),
@@ -1382,6 +1488,27 @@ async fn delivered_events_equal_the_committed_changes_under_faults() {
     }
     for e in &rig.unexpected_exits {
         eprintln!("note: {e}");
+    }
+    if !v.lost_txns.is_empty() {
+        let cluster = rig.cluster.clone();
+        let dump = tokio::task::spawn_blocking(move || cluster.waldump())
+            .await
+            .unwrap_or_default();
+        let xids: Vec<u64> = v.lost_txns.iter().map(|t| t.0).collect();
+        let before = records_before_commits(&dump, &xids);
+        let after_message = before
+            .values()
+            .filter(|(prev, _)| prev.contains("MESSAGE non-transactional"))
+            .count();
+        eprintln!(
+            "transactions with lost changes: {} ({after_message} committed right after a \
+             non-transactional message)",
+            v.lost_txns.len()
+        );
+        for (xid, lost, all) in v.lost_txns.iter().take(12) {
+            let (prev, commit) = before.get(xid).cloned().unwrap_or_default();
+            eprintln!("  xid {xid}: {lost} of {all} changes lost\n    {prev}\n    {commit}");
+        }
     }
     for (what, list) in [
         ("lost", &v.lost),
