@@ -86,7 +86,9 @@ impl Shared {
 }
 
 async fn session(url: &str) -> Option<Client> {
-    let c = common::connect_retry(url, Duration::from_secs(2)).await.ok()?;
+    let c = common::connect_retry(url, Duration::from_secs(2))
+        .await
+        .ok()?;
     // Bounded waits: a fault or a lock queue must not hang a session.
     c.batch_execute("SET lock_timeout = '2s'; SET statement_timeout = '20s'")
         .await
@@ -326,7 +328,11 @@ fn script(rng: &mut StdRng, keys: &mut Keys, shared: &Shared) -> (&'static str, 
             } else {
                 ""
             };
-            let table = if rng.random_bool(0.7) { "acct" } else { "full_t" };
+            let table = if rng.random_bool(0.7) {
+                "acct"
+            } else {
+                "full_t"
+            };
             let mut v = vec![format!(
                 "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS c{}_{n} int{default}",
                 keys.base / 10_000_000
@@ -382,7 +388,8 @@ async fn commit_after_message(
 }
 
 async fn worker(shared: Arc<Shared>, n: u32) {
-    let mut rng = StdRng::seed_from_u64(shared.seed ^ (u64::from(n) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        StdRng::seed_from_u64(shared.seed ^ (u64::from(n) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut keys = Keys {
         base: i64::from(n + 1) * 10_000_000,
         next: 0,
@@ -526,44 +533,31 @@ impl Rig {
     }
 
     fn spawn_connector(&mut self) {
-        let source = format!(
-            "postgres://postgres@{}/{DB}?connect_timeout=5",
-            self.pg_proxy.host_port()
-        );
-        let amqp = format!("amqp://guest:guest@{}/%2f", self.amqp_proxy.host_port());
-        let args = [
-            "run",
-            "--source",
-            &source,
-            "--amqp",
-            &amqp,
-            "--exchange",
+        let mut args = common::run_args_via(
+            &self.pg_proxy,
+            DB,
+            &self.amqp_proxy,
             &self.exchange,
-            "--slot",
             SLOT,
-            "--publication",
             PUBLICATION,
-            "--create-slot",
-            "--snapshot",
-            "never",
-            "--profile",
-            "none",
-            "--granularity",
-            "row",
-            "--status-interval-secs",
-            "1",
-            "--heartbeat-interval-secs",
-            "1",
-            "--confirm-timeout-secs",
-            "5",
-            "--replication-timeout-secs",
-            "10",
-            "--shutdown-grace-secs",
-            "5",
-            "--stream-memory-mb",
-            "1",
-        ];
-        let log = std::env::var("ODOO_CDC_CONTRACT_LOG").unwrap_or_else(|_| "error,lapin=off".into());
+        );
+        args.extend(
+            [
+                "--granularity",
+                "row",
+                "--heartbeat-interval-secs",
+                "1",
+                "--shutdown-grace-secs",
+                "5",
+                // Streamed transactions over 1 MiB spill to disk.
+                "--stream-memory-mb",
+                "1",
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log =
+            std::env::var("ODOO_CDC_CONTRACT_LOG").unwrap_or_else(|_| "error,lapin=off".into());
         self.connector = Some(Proc::spawn(&args, &[("ODOO_CDC_LOG", &log)]));
     }
 
@@ -812,7 +806,9 @@ fn parse_tuples(s: &str) -> Result<(Option<Tuple>, Tuple), String> {
             rest = r.trim_start();
             continue;
         }
-        let open = rest.find('[').ok_or_else(|| format!("no [type] in {rest:?}"))?;
+        let open = rest
+            .find('[')
+            .ok_or_else(|| format!("no [type] in {rest:?}"))?;
         let name = rest[..open].trim_matches('"').to_string();
         let close = rest[open..]
             .find("]:")
@@ -1009,7 +1005,10 @@ fn differs(change: &Change, ev: &Value) -> Option<String> {
             if let Some(old) = old {
                 for (n, v) in old {
                     if *v != Val::UnchangedToast && !val_matches(v, ev["before"].get(n)) {
-                        return Some(format!("before.{n} is {:?}, was {v:?}", ev["before"].get(n)));
+                        return Some(format!(
+                            "before.{n} is {:?}, was {v:?}",
+                            ev["before"].get(n)
+                        ));
                     }
                 }
             }
@@ -1128,8 +1127,9 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
     let lost = |v: &mut Verdict, position: String, what: String| {
         if hidden.contains(&position) {
             v.hidden += 1;
-            v.lost
-                .push(format!("{what} (delivered, but under the id of another event)"));
+            v.lost.push(format!(
+                "{what} (delivered, but under the id of another event)"
+            ));
         } else {
             v.lost.push(what);
         }
@@ -1201,8 +1201,11 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
             }
         }
         if v.lost.len() > lost_before {
-            v.lost_txns
-                .push((t.xid, v.lost.len() - lost_before, v.changes - changes_before));
+            v.lost_txns.push((
+                t.xid,
+                v.lost.len() - lost_before,
+                v.changes - changes_before,
+            ));
         }
         if let Some(c) = commit_lsn {
             if c <= last_commit {
@@ -1232,8 +1235,9 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
     }
     for (key, n) in nt {
         if n > 0 {
-            v.extra
-                .push(format!("{n} non-transactional message(s) {key:?} never emitted"));
+            v.extra.push(format!(
+                "{n} non-transactional message(s) {key:?} never emitted"
+            ));
         }
     }
     v
@@ -1348,24 +1352,9 @@ async fn delivered_events_equal_the_committed_changes_under_faults() {
     rig.say("private PostgreSQL and RabbitMQ up");
     rig.spawn_connector();
     // The connector's slot exists before the workload writes.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let c = rig.admin().await.expect("private cluster");
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&SLOT],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the connector made no slot");
-        rig.check_alive();
-        sleep_ms(100).await;
-    }
+    let admin = rig.admin().await.expect("private cluster");
+    common::await_slot(&admin, SLOT, Duration::from_secs(60)).await;
+    drop(admin);
 
     let shared = Arc::new(Shared {
         url: url.clone(),
@@ -1400,7 +1389,10 @@ async fn delivered_events_equal_the_committed_changes_under_faults() {
     }
     shared.stop.store(true, Ordering::Relaxed);
     for t in tasks {
-        if tokio::time::timeout(Duration::from_secs(45), t).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(45), t)
+            .await
+            .is_err()
+        {
             rig.say("a workload session did not stop in 45s");
         }
     }
