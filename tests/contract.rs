@@ -24,7 +24,8 @@
 //! sessions is up to the machine). `ODOO_CDC_CONTRACT_SECS` sets how long the
 //! workload and faults run (default 25 s, about a minute in all), e.g.
 //! `ODOO_CDC_CONTRACT_SECS=1800 cargo test --test contract -- --nocapture`;
-//! `ODOO_CDC_CONTRACT_FAULTS=Kill9,Sigterm` picks faults from those only.
+//! `ODOO_CDC_CONTRACT_FAULTS=Kill9,Sigterm` picks faults from those only;
+//! `ODOO_CDC_CONTRACT_GRANULARITY=transaction` checks transaction messages.
 
 mod common;
 
@@ -544,7 +545,7 @@ impl Rig {
         args.extend(
             [
                 "--granularity",
-                "row",
+                &granularity(),
                 "--heartbeat-interval-secs",
                 "1",
                 "--shutdown-grace-secs",
@@ -1094,6 +1095,20 @@ fn position(ev: &Value) -> String {
     }
 }
 
+/// The events of a message body: one (row granularity), or those of a
+/// transaction part (`{"xid", .., "events": [..]}`), then with `true`.
+fn events_of(body: Value) -> (bool, Vec<Value>) {
+    match body {
+        Value::Object(mut o) if o.get("events").is_some_and(Value::is_array) => {
+            let Some(Value::Array(events)) = o.remove("events") else {
+                unreachable!()
+            };
+            (true, events)
+        }
+        other => (false, vec![other]),
+    }
+}
+
 /// Compares the deliveries with the oracle: de-duplicated by `message_id`
 /// (two different bodies under one id is a collision), every committed change
 /// must be there once, in place, with its content, and nothing else.
@@ -1119,7 +1134,7 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
                     String::from_utf8_lossy(&first.body),
                     String::from_utf8_lossy(&d.body)
                 ));
-                hidden.insert(position(&d.json()));
+                hidden.extend(events_of(d.json()).1.iter().map(position));
             }
         }
     }
@@ -1135,31 +1150,39 @@ fn judge(deliveries: &[Delivery], oracle: &Oracle) -> Verdict {
         }
     };
     // Events of transactions by (xid, seq); non-transactional messages by content.
-    let mut by_pos: HashMap<(u64, u64), (&str, Value)> = HashMap::new();
+    let mut by_pos: HashMap<(u64, u64), (String, Value)> = HashMap::new();
     let mut nt: HashMap<(String, String), usize> = HashMap::new();
     for (id, d) in &by_id {
-        let ev = d.json();
-        let m = &ev["message"];
-        if ev["op"] == "m" && m["transactional"] == Value::Bool(false) {
-            let key = (
-                m["prefix"].as_str().unwrap_or("").to_string(),
-                m["content"].as_str().unwrap_or("").to_string(),
-            );
-            *nt.entry(key).or_default() += 1;
-            continue;
+        let (part, events) = events_of(d.json());
+        for (i, ev) in events.into_iter().enumerate() {
+            let m = &ev["message"];
+            if ev["op"] == "m" && m["transactional"] == Value::Bool(false) {
+                let key = (
+                    m["prefix"].as_str().unwrap_or("").to_string(),
+                    m["content"].as_str().unwrap_or("").to_string(),
+                );
+                *nt.entry(key).or_default() += 1;
+                continue;
+            }
+            let xid = ev["source"]["xid"].as_u64().unwrap_or(0);
+            let seq = ev["source"]["seq"].as_u64().unwrap_or(u64::MAX);
+            let lsn = ev["source"]["commit_lsn"]
+                .as_str()
+                .and_then(parse_lsn)
+                .unwrap_or(0);
+            // A row's id, or a part's: the id of its first event.
+            let own = format!("{lsn:016X}-{seq:08}");
+            if (!part || i == 0) && **id != own {
+                v.mismatches.push(format!(
+                    "id {id} is not <commit_lsn>-<seq> of its (first) event {ev}"
+                ));
+            }
+            if let Some((other, _)) = by_pos.insert((xid, seq), (own.clone(), ev)) {
+                v.mismatches.push(format!(
+                    "xid {xid} seq {seq} delivered in two different messages ({other}, {id})"
+                ));
+            }
         }
-        let xid = ev["source"]["xid"].as_u64().unwrap_or(0);
-        let seq = ev["source"]["seq"].as_u64().unwrap_or(u64::MAX);
-        let lsn = ev["source"]["commit_lsn"]
-            .as_str()
-            .and_then(parse_lsn)
-            .unwrap_or(0);
-        if **id != format!("{lsn:016X}-{seq:08}") {
-            v.mismatches.push(format!(
-                "id {id} is not <commit_lsn>-<seq> of its event {ev}"
-            ));
-        }
-        by_pos.insert((xid, seq), (id, ev));
     }
     let mut last_commit = 0u64;
     for t in &oracle.txns {
@@ -1274,6 +1297,11 @@ fn seed() -> u64 {
     }
 }
 
+/// `ODOO_CDC_CONTRACT_GRANULARITY`: row (default) or transaction.
+fn granularity() -> String {
+    std::env::var("ODOO_CDC_CONTRACT_GRANULARITY").unwrap_or_else(|_| "row".into())
+}
+
 fn secs() -> u64 {
     std::env::var("ODOO_CDC_CONTRACT_SECS")
         .ok()
@@ -1309,8 +1337,9 @@ async fn delivered_events_equal_the_committed_changes_under_faults() {
     let seed = seed();
     let secs = secs();
     eprintln!(
-        "contract checker: seed {seed}, {secs}s of workload and faults \
-         (replay: ODOO_CDC_SEED={seed} ODOO_CDC_CONTRACT_SECS={secs} cargo test --test contract -- --nocapture)"
+        "contract checker: seed {seed}, {secs}s of workload and faults, {} granularity \
+         (replay: ODOO_CDC_SEED={seed} ODOO_CDC_CONTRACT_SECS={secs} cargo test --test contract -- --nocapture)",
+        granularity()
     );
     let started = Instant::now();
     let broker = std::thread::spawn(PrivateBroker::start);
@@ -1437,7 +1466,10 @@ async fn delivered_events_equal_the_committed_changes_under_faults() {
     };
 
     let stats = shared.stats.lock().unwrap().clone();
-    eprintln!("\n=== delivery contract checker, seed {seed} ===");
+    eprintln!(
+        "\n=== delivery contract checker, seed {seed}, {} granularity ===",
+        granularity()
+    );
     eprintln!(
         "duration: {:.1}s in all ({secs}s of workload and faults)",
         started.elapsed().as_secs_f64()
