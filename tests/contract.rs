@@ -286,6 +286,12 @@ fn script(rng: &mut StdRng, keys: &mut Keys, shared: &Shared) -> (&'static str, 
             if rng.random_bool(0.4) {
                 // A streamed subtransaction aborted (Stream Abort of a subxact).
                 v.push("SAVEPOINT big".into());
+                if subxact_messages() {
+                    v.push(format!(
+                        "SELECT pg_logical_emit_message(true, '{TX_PREFIX}', 'rolled back in {}')",
+                        keys.next
+                    ));
+                }
                 v.push(big_insert(rng, keys));
                 v.push("ROLLBACK TO SAVEPOINT big".into());
             }
