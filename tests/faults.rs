@@ -41,19 +41,9 @@ const SLOT: &str = "cdc";
 const REFERENCE_SLOT: &str = "reference";
 
 async fn pg(url: &str) -> tokio_postgres::Client {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
-            Ok((c, conn)) => {
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                return c;
-            }
-            Err(e) if Instant::now() > deadline => panic!("cannot connect to {url}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    common::connect_retry(url, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
 }
 
 /// The ids of the changes committed before `upto` that the reference slot has
@@ -142,38 +132,18 @@ struct Run {
 
 impl Run {
     fn spawn_connector(&mut self) {
-        let source = format!(
-            "postgres://postgres@{}/odoo?connect_timeout=5",
-            self.pg_proxy.host_port()
-        );
-        let amqp = format!("amqp://guest:guest@{}/%2f", self.amqp_proxy.host_port());
-        let args = [
-            "run",
-            "--source",
-            &source,
-            "--amqp",
-            &amqp,
-            "--exchange",
+        // No snapshot: the check counts committed changes, not the seed rows.
+        // No Odoo profile: every change of the FOR ALL TABLES publication is
+        // expected (the reference slot counts bus_bus and ir_cron too).
+        let args = common::run_args_via(
+            &self.pg_proxy,
+            "odoo",
+            &self.amqp_proxy,
             &self.exchange,
-            "--slot",
             SLOT,
-            "--publication",
             PUBLICATION,
-            "--create-slot",
-            // The check counts committed changes: the seed rows are not snapshotted.
-            "--snapshot",
-            "never",
-            "--status-interval-secs",
-            "1",
-            "--confirm-timeout-secs",
-            "5",
-            "--replication-timeout-secs",
-            "10",
-            // Every change of the FOR ALL TABLES publication is expected (the
-            // reference slot counts bus_bus and ir_cron too): no Odoo defaults.
-            "--profile",
-            "none",
-        ];
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.connector = Some(Proc::spawn(&args, &[]));
     }
 
@@ -343,22 +313,7 @@ async fn odoo_workload_survives_every_fault_without_loss() {
     };
     run.spawn_connector();
     // The connector creates its slot; the workload starts after that.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&SLOT],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the connector made no slot");
-        sleep_ms(100).await;
-    }
+    common::await_slot(&admin, SLOT, Duration::from_secs(60)).await;
     drop(admin);
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -321,6 +321,12 @@ impl ResilientConsumer {
         self.got.lock().unwrap().clone()
     }
 
+    /// Everything received so far, which is forgotten here (a long test
+    /// checks in rounds and keeps memory bounded).
+    pub fn take(&self) -> Vec<Delivery> {
+        std::mem::take(&mut *self.got.lock().unwrap())
+    }
+
     pub fn len(&self) -> usize {
         self.got.lock().unwrap().len()
     }

@@ -165,6 +165,30 @@ impl PrivateCluster {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
     }
+
+    /// `pg_waldump` of every WAL segment still in `pg_wal` (for diagnosing
+    /// which record came before which); empty if it cannot run.
+    pub fn waldump(&self) -> String {
+        let wal = self.dir.join("data").join("pg_wal");
+        let mut segments: Vec<String> = std::fs::read_dir(&wal)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.len() == 24 && n.chars().all(|c| c.is_ascii_hexdigit()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        segments.sort();
+        let (Some(first), Some(last)) = (segments.first(), segments.last()) else {
+            return String::new();
+        };
+        as_postgres(&self.bin.join("pg_waldump"))
+            .arg("--path")
+            .arg(&wal)
+            .args([first, last])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for PrivateCluster {

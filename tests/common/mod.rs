@@ -51,6 +51,24 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// Connects, retrying for up to `limit` while the server is not there yet (a
+/// cluster restarting, a proxy healing); the last error after that.
+pub async fn connect_retry(url: &str, limit: Duration) -> Result<Client, tokio_postgres::Error> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match tokio_postgres::connect(url, NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                return Ok(client);
+            }
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn unique_name(prefix: &str) -> String {
@@ -495,6 +513,77 @@ pub fn change_ids<'a>(messages: impl IntoIterator<Item = &'a [u8]>) -> Vec<Strin
         }
     }
     ids
+}
+
+/// `odoo-cdc run` arguments for the fault tests: database `db` of a private
+/// cluster and the broker both reached through proxies, an existing
+/// `publication`, `slot` created if missing, no snapshot and no Odoo profile
+/// (exactly the committed changes of the publication are expected), status
+/// every second, and short confirm and replication timeouts so that faults are
+/// noticed quickly.
+pub fn run_args_via(
+    pg: &proxy::TcpProxy,
+    db: &str,
+    amqp: &proxy::TcpProxy,
+    exchange: &str,
+    slot: &str,
+    publication: &str,
+) -> Vec<String> {
+    let source = format!(
+        "postgres://postgres@{}/{db}?connect_timeout=5",
+        pg.host_port()
+    );
+    let amqp = format!("amqp://guest:guest@{}/%2f", amqp.host_port());
+    [
+        "run",
+        "--source",
+        &source,
+        "--amqp",
+        &amqp,
+        "--exchange",
+        exchange,
+        "--slot",
+        slot,
+        "--publication",
+        publication,
+        "--create-slot",
+        "--snapshot",
+        "never",
+        "--profile",
+        "none",
+        "--status-interval-secs",
+        "1",
+        "--confirm-timeout-secs",
+        "5",
+        "--replication-timeout-secs",
+        "10",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Waits until the slot `slot` exists (a connector started with
+/// `--create-slot` made it); panics after `limit`.
+pub async fn await_slot(client: &Client, slot: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("count the replication slots")
+            .get(0);
+        if n == 1 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the connector made no slot {slot}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until the connector created the slot named after the database.

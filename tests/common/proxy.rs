@@ -83,10 +83,14 @@ impl TcpProxy {
         self.addr.to_string()
     }
 
+    /// The mode, and in `.1` how many cuts there have been: a connection ends
+    /// at a cut even when `restore()` follows before it had a chance to look.
     fn set(&self, mode: Mode) {
         self.mode.send_modify(|m| {
             m.0 = mode;
-            m.1 += 1;
+            if mode == Mode::Cut {
+                m.1 += 1;
+            }
         });
     }
 
@@ -131,11 +135,12 @@ async fn serve(client: TcpStream, target: String, mode: watch::Receiver<(Mode, u
     let _ = upstream.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
+    let cuts = mode.borrow().1;
     // Either direction ending (EOF, error, cut) ends both: dropping the halves
     // closes the sockets, which is what a reset looks like to both peers.
     tokio::select! {
-        _ = pump(cr, uw, mode.clone()) => {}
-        _ = pump(ur, cw, mode) => {}
+        _ = pump(cr, uw, mode.clone(), cuts) => {}
+        _ = pump(ur, cw, mode, cuts) => {}
     }
 }
 
@@ -143,13 +148,17 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<(Mode, u64)>,
+    cuts: u64,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // While stalled, neither read nor write: the kernel buffers fill and
         // both peers see a silent connection.
         loop {
-            let m = mode.borrow_and_update().0;
+            let (m, now) = *mode.borrow_and_update();
+            if now != cuts {
+                return;
+            }
             match m {
                 Mode::Open => break,
                 Mode::Cut => return,
