@@ -1141,8 +1141,11 @@ impl<S: Sink> Publisher<S> {
             }
             Item::Event(ev) => match self.granularity {
                 Granularity::Row => self.publish_row(&ev).await?,
-                // Snapshot rows belong to no transaction: one message each.
-                Granularity::Transaction if ev.snapshot => self.publish_row(&ev).await?,
+                // Snapshot rows and non-transactional logical messages
+                // belong to no transaction: one message each.
+                Granularity::Transaction if ev.snapshot || self.txn.is_none() => {
+                    self.publish_row(&ev).await?
+                }
                 Granularity::Transaction => self.add_to_txn(&ev).await?,
             },
             Item::Barrier(done) => {
@@ -1662,6 +1665,54 @@ mod tests {
         let r = p.run(rx, &AtomicBool::new(false), &Notify::new()).await;
         let sent = sink.0.lock().unwrap().clone();
         (r, sent, Lsn(confirmed.load(Ordering::Acquire)))
+    }
+
+    /// A non-transactional logical message arrives outside any transaction:
+    /// in transaction granularity it is published on its own (it stopped the
+    /// session with "event outside a transaction" before).
+    #[tokio::test]
+    async fn a_non_transactional_message_is_published_alone_in_transaction_granularity() {
+        let mut cfg = SessionConfig::new("postgres://u@localhost/odoo".parse().unwrap(), "s", "p");
+        cfg.granularity = Granularity::Transaction;
+        let sink = RecordingSink::default();
+        let confirmed = Arc::new(AtomicU64::new(0x100));
+        let mut p = Publisher::new(
+            &cfg,
+            sink.clone(),
+            Lsn(0x100),
+            confirmed.clone(),
+            Arc::new(Notify::new()),
+            Arc::new(Metrics::new()),
+        );
+        let (tx, rx) = crate::queue::channel(16, 1 << 20);
+        let message = ChangeEvent {
+            op: crate::event::Op::Message,
+            table: None,
+            lsn: Lsn(0x3000),
+            commit_lsn: Lsn(0x2FFF),
+            xid: 0,
+            commit_ts: 0,
+            seq: 0,
+            snapshot: false,
+            old: None,
+            new: None,
+            truncate_options: 0,
+            message: Some(crate::event::LogicalMessage {
+                transactional: false,
+                prefix: "app.note".into(),
+                content: Bytes::from_static(b"x"),
+            }),
+        };
+        tx.send(Item::Event(message)).await.ok();
+        tx.send(Item::Mark(Lsn(0x3000))).await.ok();
+        drop(tx);
+        p.run(rx, &AtomicBool::new(false), &Notify::new())
+            .await
+            .unwrap();
+        let sent = sink.0.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].message_id, "0000000000002FFF-00000000");
+        assert_eq!(Lsn(confirmed.load(Ordering::Acquire)), Lsn(0x3000));
     }
 
     /// Parts of two events; the third event goes to the dead-letter key. No
