@@ -896,6 +896,17 @@ fn undecodable(
     }))
 }
 
+/// `,"lsn":"…","commit_lsn":"…","message_id":"…"` of an envelope that
+/// stands for `ev` (dead letters, oversized events).
+fn write_position(out: &mut Vec<u8>, lsn: Lsn, ev: &ChangeEvent) {
+    out.extend_from_slice(b",\"lsn\":\"");
+    out.extend_from_slice(lsn.to_string().as_bytes());
+    out.extend_from_slice(b"\",\"commit_lsn\":\"");
+    out.extend_from_slice(ev.commit_lsn.to_string().as_bytes());
+    out.extend_from_slice(b"\",\"message_id\":");
+    json_str(out, &ev.message_id());
+}
+
 fn json_str(out: &mut Vec<u8>, s: &str) {
     let _ = crate::value::write_json_str(s.as_bytes(), out);
 }
@@ -1286,12 +1297,7 @@ impl<S: Sink> Publisher<S> {
         json_str(&mut body, &d.column);
         body.extend_from_slice(b",\"type\":");
         json_str(&mut body, &d.type_name);
-        body.extend_from_slice(b",\"lsn\":\"");
-        body.extend_from_slice(d.lsn.to_string().as_bytes());
-        body.extend_from_slice(b"\",\"commit_lsn\":\"");
-        body.extend_from_slice(ev.commit_lsn.to_string().as_bytes());
-        body.extend_from_slice(b"\",\"message_id\":");
-        json_str(&mut body, &ev.message_id());
+        write_position(&mut body, d.lsn, ev);
         body.extend_from_slice(b",\"event\":");
         let mut raw = Vec::new();
         match crate::event::encode_json_raw(ev, &self.encode, &mut raw) {
@@ -1429,14 +1435,9 @@ impl<S: Sink> Publisher<S> {
         json_str(&mut body, ev.op.code());
         body.extend_from_slice(b",\"key\":");
         body.extend_from_slice(key.as_bytes());
-        body.extend_from_slice(b",\"lsn\":\"");
-        body.extend_from_slice(ev.lsn.to_string().as_bytes());
-        body.extend_from_slice(b"\",\"commit_lsn\":\"");
-        body.extend_from_slice(ev.commit_lsn.to_string().as_bytes());
-        body.extend_from_slice(b"\",\"xid\":");
+        write_position(&mut body, ev.lsn, ev);
+        body.extend_from_slice(b",\"xid\":");
         body.extend_from_slice(ev.xid.to_string().as_bytes());
-        body.extend_from_slice(b",\"message_id\":");
-        json_str(&mut body, &ev.message_id());
         body.push(b'}');
         let mut headers = std::collections::BTreeMap::new();
         headers.insert("x-error".into(), HeaderValue::Str("oversized".into()));

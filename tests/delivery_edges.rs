@@ -435,6 +435,22 @@ impl Drop for PipedTail {
     }
 }
 
+/// A private cluster with `t (id int PRIMARY KEY, v text)` in publication `p`.
+async fn cluster_with_table(
+    settings: &[(&str, &str)],
+) -> (PrivateCluster, String, tokio_postgres::Client) {
+    let cluster = PrivateCluster::start(settings);
+    let url = cluster.url("postgres");
+    let admin = pg(&url).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION p FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    (cluster, url, admin)
+}
+
 fn assert_no_replication_timeout(cluster: &PrivateCluster, tail: &PipedTail) {
     let pg_log = cluster.log();
     assert!(
@@ -453,15 +469,7 @@ fn assert_no_replication_timeout(cluster: &PrivateCluster, tail: &PipedTail) {
 /// answering the walsender: no timeout, no session failure, no replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stdout_reader_never_times_the_walsender_out() {
-    let cluster = PrivateCluster::start(&[("wal_sender_timeout", "'5s'")]);
-    let url = cluster.url("postgres");
-    let admin = pg(&url).await;
-    admin
-        .batch_execute(
-            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION p FOR ALL TABLES;",
-        )
-        .await
-        .unwrap();
+    let (cluster, url, admin) = cluster_with_table(&[("wal_sender_timeout", "'5s'")]).await;
     let tail = PipedTail::start(&url, &[], Duration::from_secs(30));
     let deadline = std::time::Instant::now() + WAIT;
     while confirmed_flush(&admin, "s").await.is_none() {
@@ -496,18 +504,11 @@ async fn a_stalled_stdout_reader_never_times_the_walsender_out() {
 /// buffer in the connector): the connector keeps answering while it spills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spilling_a_huge_streamed_transaction_never_times_the_walsender_out() {
-    let cluster = PrivateCluster::start(&[
+    let (cluster, url, admin) = cluster_with_table(&[
         ("wal_sender_timeout", "'5s'"),
         ("logical_decoding_work_mem", "'64kB'"),
-    ]);
-    let url = cluster.url("postgres");
-    let admin = pg(&url).await;
-    admin
-        .batch_execute(
-            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION p FOR ALL TABLES;",
-        )
-        .await
-        .unwrap();
+    ])
+    .await;
     let tail = PipedTail::start(&url, &["--stream-memory-mb", "1"], Duration::ZERO);
     let deadline = std::time::Instant::now() + WAIT;
     while confirmed_flush(&admin, "s").await.is_none() {

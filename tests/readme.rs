@@ -1,7 +1,8 @@
-//! The README's configuration reference is generated from `OPTIONS` in
-//! `src/config.rs`, so an option cannot be added without being documented.
+//! The configuration reference (`docs/configuration.md`) is generated from
+//! `OPTIONS` in `src/config.rs`, so an option cannot be added without being
+//! documented.
 //!
-//! When this test fails it prints the expected table. To rewrite the README's
+//! When this test fails it prints the expected table. To rewrite the
 //! table in place (between the `options:begin` / `options:end` markers):
 //!
 //! ```text
@@ -9,6 +10,9 @@
 //! ```
 
 use std::path::Path;
+
+/// Where the generated reference lives.
+const REFERENCE: &str = "docs/configuration.md";
 
 use odoo_cdc::config::{Kind, OPTIONS};
 
@@ -72,20 +76,20 @@ fn reference() -> String {
 
 #[test]
 fn readme_reference_lists_every_option() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-    let readme = std::fs::read_to_string(&path).expect("README.md");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(REFERENCE);
+    let readme = std::fs::read_to_string(&path).expect(REFERENCE);
     let expected = reference();
     let (start, end) = match (readme.find(BEGIN), readme.find(END)) {
         (Some(s), Some(e)) if s < e => (s, e + END.len()),
-        _ => panic!("README.md has no generated options table; add these lines:\n\n{expected}\n"),
+        _ => panic!("{REFERENCE} has no generated options table; add these lines:\n\n{expected}\n"),
     };
     if readme[start..end] == expected {
         return;
     }
     if std::env::var_os("ODOO_CDC_BLESS").is_some() {
         let updated = format!("{}{}{}", &readme[..start], expected, &readme[end..]);
-        std::fs::write(&path, updated).expect("rewrite README.md");
-        eprintln!("README.md: options table regenerated");
+        std::fs::write(&path, updated).expect("rewrite the reference");
+        eprintln!("{REFERENCE}: options table regenerated");
         return;
     }
     let missing: Vec<&str> = OPTIONS
@@ -94,7 +98,7 @@ fn readme_reference_lists_every_option() {
         .filter(|k| !readme[start..end].contains(&format!("| `{k}` |")))
         .collect();
     panic!(
-        "README.md's options table is out of date with src/config.rs OPTIONS \
+        "{REFERENCE}'s options table is out of date with src/config.rs OPTIONS \
          (missing: {missing:?}). Run `ODOO_CDC_BLESS=1 cargo test --test readme` \
          or paste:\n\n{expected}\n"
     );
