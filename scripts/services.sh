@@ -214,11 +214,20 @@ export ODOO_CDC_SERVICES='$(readlink -f "$0")'
 ENV
 }
 
+# Prometheus (server and promtool) for the checks of deploy/: the alerting
+# rules are unit-tested with promtool and one is evaluated end to end by the
+# real server against a running connector (tests/deploy.rs).
+prometheus_up() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && return 0
+  apt_install prometheus
+}
+
 cmd="${1:-}"
 case "$cmd" in
   up)
     pg_up
     rabbit_up
+    prometheus_up
     log "ready: PostgreSQL 127.0.0.1:$PG_PORT (wal_level=logical), RabbitMQ 127.0.0.1:5672 (streams on 5552)"
     ;;
   down)

@@ -87,7 +87,7 @@ async fn slot_command(action: SlotAction, settings: &Settings) -> ExitCode {
 }
 
 /// A one-shot command's failure: the same message and exit code `run` gives
-/// for the same condition (README, "Operations").
+/// for the same condition (docs/operations.md).
 fn fail(e: crate::pipeline::PipelineError) -> ExitCode {
     eprintln!("odoo-cdc: {e}");
     ExitCode::from(e.exit_code())

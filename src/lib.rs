@@ -1,6 +1,6 @@
 //! odoo-cdc: log-based change data capture from an Odoo PostgreSQL database to RabbitMQ.
 //!
-//! Data flow (see the README and DESIGN.md):
+//! Data flow (see the README and docs/):
 //!
 //! ```text
 //! walsender ──CopyBoth──▶ replication ──▶ pgoutput ──▶ transaction (+ schema, value, spill)

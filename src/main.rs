@@ -1,6 +1,6 @@
 //! The `odoo-cdc` binary: parse, validate, then hand over to the library.
 //!
-//! Exit codes (`odoo_cdc::pipeline::exit_code`, also in the README):
+//! Exit codes (`odoo_cdc::pipeline::exit_code`, also in docs/operations.md):
 //! - 0: clean shutdown (SIGTERM/SIGINT, in-flight confirms awaited);
 //! - 1: runtime failure that retrying cannot fix, not covered below;
 //! - 2: bad configuration or usage (the message names the option);
@@ -20,7 +20,7 @@ use odoo_cdc::config::LogFormat;
 /// one thread and freed on the other; glibc serialises that on its arena lock
 /// (`malloc_consolidate`, `__lll_lock_wait_private` were ~25% of the
 /// connector's CPU in row granularity). mimalloc frees cross-thread blocks
-/// without a shared lock. Figures in README "Performance".
+/// without a shared lock. Figures in docs/performance.md.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

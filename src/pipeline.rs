@@ -214,7 +214,7 @@ impl PipelineError {
     }
 }
 
-/// Process exit codes (also in the README and `main.rs`).
+/// Process exit codes (also in docs/operations.md and `main.rs`).
 pub mod exit_code {
     /// Runtime failure that retrying cannot fix, not covered below.
     pub const RUNTIME: u8 = 1;

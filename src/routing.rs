@@ -1,5 +1,5 @@
 //! The RabbitMQ mapping: routing keys, message properties and headers for
-//! events (DESIGN.md, "RabbitMQ mapping").
+//! events (docs/events.md, "RabbitMQ mapping").
 //!
 //! Routing key default: `<prefix>.<schema>.<table>.<op-word>`, so consumers bind
 //! `odoo.public.sale_order.*` or `odoo.public.#`. A template can reshape it with

@@ -8,7 +8,7 @@
 //! under those settings and returns a [`ValueError`] otherwise: a value is never silently
 //! turned into something else.
 //!
-//! Mapping (DESIGN.md, "Change event"):
+//! Mapping (docs/events.md):
 //!
 //! | kind | JSON |
 //! |---|---|

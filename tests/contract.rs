@@ -1,4 +1,4 @@
-//! A seeded checker that tries to break the delivery contract (DESIGN.md,
+//! A seeded checker that tries to break the delivery contract (docs/events.md,
 //! "Delivery contract"): several concurrent SQL sessions write random mixes
 //! (multi-row inserts, primary-key updates, deletes, savepoints rolled back,
 //! whole transactions rolled back, transactions big enough for pgoutput to
@@ -376,7 +376,7 @@ async fn run_script(c: &Client, sqls: &[String]) -> Result<(), tokio_postgres::E
 
 /// Session A holds a transaction with a row, session B emits a
 /// non-transactional message, then A commits: A's commit record comes right
-/// after the message's (DESIGN.md, contract rule 6).
+/// after the message's (docs/events.md, "What exactly is promised").
 async fn commit_after_message(
     a: &Client,
     b: &Client,

@@ -212,3 +212,114 @@ fn the_checks_catch_a_wrong_name_and_a_wrong_label_value() {
             .any(|l| l.contains("state=\"open\""))
     );
 }
+
+/// The real Prometheus scrapes a running connector's `/metrics` and
+/// evaluates the shipped rules: a connector whose broker is unreachable keeps
+/// reconnecting, and `OdooCdcReconnectingRepeatedly` must fire.
+#[test]
+fn prometheus_fires_a_shipped_alert_against_a_running_connector() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    if Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: prometheus is not installed (scripts/services.sh up installs it)");
+        return;
+    }
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let pg = std::env::var("ODOO_CDC_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:54329/postgres".into());
+    let metrics_port = free_port();
+    let dead_broker = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let mut connector = Command::new(env!("CARGO_BIN_EXE_odoo-cdc"))
+        .args(["run", "--source", &pg, "--amqp", &dead_broker])
+        .args([
+            "--slot",
+            "deploy_alert_never_created",
+            "--snapshot",
+            "never",
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .env("ODOO_CDC_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn odoo-cdc");
+
+    let dir = std::env::temp_dir().join(format!("odoo_cdc_prometheus_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+         rule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: odoo-cdc\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n",
+        rules.display()
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let web_port = free_port();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn prometheus");
+
+    let get = |path: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", web_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+    };
+    // Full-jitter backoff from 0.5 s: six reconnects take well under two
+    // minutes; the deadline is generous for a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut last = String::new();
+    let fired = loop {
+        if let Some(body) = get("/api/v1/alerts") {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let firing = v["data"]["alerts"].as_array().is_some_and(|alerts| {
+                alerts.iter().any(|a| {
+                    a["labels"]["alertname"] == "OdooCdcReconnectingRepeatedly"
+                        && a["state"] == "firing"
+                })
+            });
+            if firing {
+                break true;
+            }
+            last = body;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let _ = connector.kill();
+    let _ = connector.wait();
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        fired,
+        "OdooCdcReconnectingRepeatedly never fired; last /api/v1/alerts: {last}"
+    );
+}
