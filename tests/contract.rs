@@ -1,5 +1,5 @@
 //! A seeded checker that tries to break the delivery contract (docs/events.md,
-//! "Delivery contract"): several concurrent SQL sessions write random mixes
+//! "What exactly is promised"): several concurrent SQL sessions write random mixes
 //! (multi-row inserts, primary-key updates, deletes, savepoints rolled back,
 //! whole transactions rolled back, transactions big enough for pgoutput to
 //! stream and spill, transactional and non-transactional logical messages,
