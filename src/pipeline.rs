@@ -1315,15 +1315,7 @@ impl<S: Sink> Publisher<S> {
             HeaderValue::Str(ev.commit_lsn.to_string()),
         );
         headers.insert("x-op".into(), HeaderValue::Str(ev.op.code().into()));
-        Ok(OutgoingMessage {
-            routing_key: self.dead_letter_key.clone(),
-            body: Bytes::from(body),
-            message_id: ev.message_id(),
-            content_type: Format::Json.content_type(),
-            timestamp: crate::event::pg_timestamp_unix_secs(ev.commit_ts),
-            kind: "dead_letter".into(),
-            headers,
-        })
+        Ok(self.dead_letter_message(ev, body, headers))
     }
 
     async fn send(&mut self, msg: OutgoingMessage) -> Result<(), PipelineError> {
@@ -1449,7 +1441,19 @@ impl<S: Sink> Publisher<S> {
         );
         headers.insert("x-op".into(), HeaderValue::Str(ev.op.code().into()));
         headers.insert("x-size".into(), HeaderValue::Int(size as i64));
-        let msg = OutgoingMessage {
+        let msg = self.dead_letter_message(ev, body, headers);
+        self.send(msg).await
+    }
+
+    /// A JSON envelope standing for `ev` on the dead-letter key, with the id
+    /// the event itself would have had.
+    fn dead_letter_message(
+        &self,
+        ev: &ChangeEvent,
+        body: Vec<u8>,
+        headers: std::collections::BTreeMap<String, HeaderValue>,
+    ) -> OutgoingMessage {
+        OutgoingMessage {
             routing_key: self.dead_letter_key.clone(),
             body: Bytes::from(body),
             message_id: ev.message_id(),
@@ -1457,8 +1461,7 @@ impl<S: Sink> Publisher<S> {
             timestamp: crate::event::pg_timestamp_unix_secs(ev.commit_ts),
             kind: "dead_letter".into(),
             headers,
-        };
-        self.send(msg).await
+        }
     }
 
     /// The event's key as JSON (`null` without one), at most ~1 KB.

@@ -21,15 +21,9 @@ async fn pg(url: &str) -> tokio_postgres::Client {
 }
 
 async fn confirmed_flush(c: &tokio_postgres::Client, slot: &str) -> Option<u64> {
-    let row = c
-        .query_opt(
-            "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
+    common::confirmed_flush_lsn(c, slot)
         .await
-        .unwrap();
-    row.and_then(|r| r.get::<_, Option<i64>>(0))
-        .map(|v| v as u64)
+        .map(|t| lsn_value(&t))
 }
 
 fn lsn_value(text: &str) -> u64 {
@@ -411,15 +405,24 @@ impl PipedTail {
         }
     }
 
-    fn wait_lines(&self, n: u64, limit: Duration) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            if self.lines.load(std::sync::atomic::Ordering::Relaxed) >= n {
+    /// Waits for `n` lines; gives up only when no line arrived for `stall`
+    /// (a loaded machine is slow, a broken pipeline is stuck).
+    fn wait_lines(&self, n: u64, stall: Duration) -> bool {
+        let mut seen = 0;
+        let mut progress = std::time::Instant::now();
+        loop {
+            let now = self.lines.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= n {
                 return true;
+            }
+            if now > seen {
+                seen = now;
+                progress = std::time::Instant::now();
+            } else if progress.elapsed() > stall {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        false
     }
 
     fn log(&self) -> String {
@@ -523,7 +526,7 @@ async fn spilling_a_huge_streamed_transaction_never_times_the_walsender_out() {
         .await
         .unwrap();
     assert!(
-        tail.wait_lines(rows, Duration::from_secs(300)),
+        tail.wait_lines(rows, Duration::from_secs(240)),
         "only {} of {rows} lines",
         tail.lines.load(std::sync::atomic::Ordering::Relaxed)
     );

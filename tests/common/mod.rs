@@ -81,6 +81,18 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}_{n}_{t}", std::process::id())
 }
 
+/// The slot's `confirmed_flush_lsn` as text (`None`: no such slot, or not set).
+pub async fn confirmed_flush_lsn(client: &Client, slot: &str) -> Option<String> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    row.and_then(|r| r.get::<_, Option<String>>(0))
+}
+
 /// A database of its own; its name doubles as the slot and publication name.
 pub struct TestDb {
     pub name: String,
@@ -119,15 +131,7 @@ impl TestDb {
     }
 
     pub async fn confirmed_flush_lsn(&self, slot: &str) -> Option<String> {
-        let row = self
-            .client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .unwrap();
-        row.and_then(|r| r.get::<_, Option<String>>(0))
+        confirmed_flush_lsn(&self.client, slot).await
     }
 
     /// Drops the slots of this database and the database itself.
