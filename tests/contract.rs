@@ -52,6 +52,8 @@ const DB: &str = "contract";
 const PUBLICATION: &str = "contract";
 const SLOT: &str = "cdc";
 const ORACLE_SLOT: &str = "oracle";
+/// The consumer's durable queue on the private broker.
+const QUEUE: &str = "contract";
 /// The prefix of the connector's own heartbeats: never published.
 const HEARTBEAT: &str = "odoo-cdc.heartbeat";
 /// Logical messages the workload emits; these are published.
@@ -1473,7 +1475,7 @@ async fn delivered_events_equal_the_committed_changes_under_faults() {
     .await;
 
     let exchange = "contract.cdc".to_string();
-    let consumer = ResilientConsumer::start(&broker.amqp_url(), &exchange, "contract", "#").await;
+    let consumer = ResilientConsumer::start(&broker.amqp_url(), &exchange, QUEUE, "#").await;
     let pg_proxy = TcpProxy::start(&format!("127.0.0.1:{}", cluster.port));
     let amqp_proxy = TcpProxy::start(&broker.host_port());
     let mut rig = Rig {
@@ -1632,6 +1634,21 @@ async fn judge_round(
     rig.say(&format!("slot confirmed past {end_lsn}: {caught_up}"));
     if !caught_up {
         eprintln!("the connector's slot never confirmed {end_lsn}");
+    }
+    // Everything confirmed is in the queue or with the consumer: wait until
+    // the broker's queue is empty (a consumer that is reconnecting after a
+    // broker restart would otherwise make queued events look lost), then
+    // until the consumer is quiet.
+    let drained = Instant::now() + Duration::from_secs(180);
+    loop {
+        match rig.broker.queue_depth(QUEUE) {
+            Some(0) => break,
+            depth if Instant::now() > drained => {
+                rig.say(&format!("queue {QUEUE} still holds {depth:?} messages"));
+                break;
+            }
+            _ => sleep_ms(1000).await,
+        }
     }
     let mut last = consumer.len();
     let quiet = Instant::now() + Duration::from_secs(30);

@@ -121,6 +121,18 @@ impl PrivateBroker {
     }
 
     /// `rabbitmqctl -n <node> args...` with a time limit.
+    /// Messages in `queue` (ready and unacknowledged), as the broker counts
+    /// them; `None` when it cannot tell (stopped, no such queue).
+    pub fn queue_depth(&self, queue: &str) -> Option<u64> {
+        let out = self.ctl(&["list_queues", "name", "messages", "--no-table-headers"]);
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some(queue))
+                .then(|| it.next().and_then(|n| n.parse().ok()))
+                .flatten()
+        })
+    }
+
     pub fn ctl(&self, args: &[&str]) -> Output {
         let mut c = self.command("rabbitmqctl");
         c.arg("-n").arg(&self.node).arg("-q").args(args);
@@ -300,7 +312,7 @@ impl ResilientConsumer {
                             }
                         },
                     };
-                    drain(consumer, &got, &stop).await;
+                    drain(&conn, consumer, &got, &stop).await;
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),
                         conn.close(200, "consumer done".into()),
@@ -429,11 +441,20 @@ async fn consume_once(
     Ok((conn, consumer))
 }
 
-async fn drain(mut consumer: lapin::Consumer, got: &Mutex<Vec<Delivery>>, stop: &AtomicBool) {
+async fn drain(
+    conn: &lapin::Connection,
+    mut consumer: lapin::Consumer,
+    got: &Mutex<Vec<Delivery>>,
+    stop: &AtomicBool,
+) {
     use futures::StreamExt;
     use lapin::options::BasicAckOptions;
     while !stop.load(Ordering::Relaxed) {
         let d = match tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+            // A broker that restarted its application may leave the
+            // consumer's stream open but dead: reconnect when the connection
+            // says so, instead of waiting for deliveries that never come.
+            Err(_) if !conn.status().connected() => return,
             Err(_) => continue,
             Ok(None) | Ok(Some(Err(_))) => return,
             Ok(Some(Ok(d))) => d,
