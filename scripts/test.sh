@@ -39,6 +39,8 @@ step "docker/ and README offline checks" cargo test --test docker --test readme
 # own private PostgreSQL cluster and RabbitMQ node, see tests/common).
 : >target/test-results.log
 step "cargo test" bash -c 'set -o pipefail; cargo test --all-targets --no-fail-fast 2>&1 | tee target/test-results.log'
+# Fault points at exact code points need a build of their own (--features failpoints).
+step "cargo test --features failpoints" bash -c 'set -o pipefail; cargo test --features failpoints --test failpoints --no-fail-fast 2>&1 | tee -a target/test-results.log'
 step "cargo test --doc" bash -c 'set -o pipefail; cargo test --doc --no-fail-fast 2>&1 | tee -a target/test-results.log'
 if command -v promtool >/dev/null 2>&1; then
     step "promtool check rules" promtool check rules deploy/prometheus/alerts.yml

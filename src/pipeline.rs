@@ -512,6 +512,12 @@ where
                     }
                     _ = stop_status.notified() => { finishing = true; }
                 }
+                // Test builds only (`--features failpoints`): the status task
+                // dies at once, as on a bug or a failed write (tests/failpoints.rs).
+                #[cfg(feature = "failpoints")]
+                if std::env::var_os("ODOO_CDC_FAILPOINT_STATUS_TASK_DIES").is_some() {
+                    panic!("failpoint: the standby status task dies");
+                }
                 let lsn = Lsn(confirmed.load(Ordering::Acquire));
                 status.send_status(lsn, lsn, lsn, ask_reply).await?;
                 metrics.set_confirmed_lsn(lsn);

@@ -1,0 +1,58 @@
+//! Faults at exact code points, which random kills rarely hit. Compiled only
+//! with `--features failpoints` (scripts/test.sh runs it so); each fault is
+//! armed by an environment variable the connector reads in that build only.
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Proc, TestDb};
+
+/// The standby status task dies (a bug, a failed write): without status
+/// updates the slot stops advancing and the walsender only notices after
+/// `wal_sender_timeout`. The session must end at once instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_status_task_ends_the_session_at_once() {
+    let db = TestDb::create("fp_status").await;
+    db.exec(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION {} FOR ALL TABLES;",
+        db.name
+    ))
+    .await;
+    let mut tail = Proc::spawn(
+        &[
+            "tail",
+            "--source",
+            &db.url,
+            "--slot",
+            &db.name,
+            "--publication",
+            &db.name,
+            "--create-slot",
+            "--snapshot",
+            "never",
+            "--replication-timeout-secs",
+            "120",
+        ],
+        &[("ODOO_CDC_FAILPOINT_STATUS_TASK_DIES", "1")],
+    );
+    let started = Instant::now();
+    let code = loop {
+        if let Ok(Some(status)) = tail.child.try_wait() {
+            break status.code();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the session went on without its status task"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        code,
+        Some(1),
+        "an internal failure that retrying cannot fix"
+    );
+    drop(tail);
+    db.cleanup().await;
+}
