@@ -1311,17 +1311,11 @@ impl<S: Sink> Publisher<S> {
             Err(_) => body.extend_from_slice(b"null"),
         }
         body.push(b'}');
-        let mut headers = std::collections::BTreeMap::new();
-        headers.insert("x-error".into(), HeaderValue::Str(truncate(&e.to_string())));
-        headers.insert("x-table".into(), HeaderValue::Str(d.table.clone()));
-        headers.insert("x-column".into(), HeaderValue::Str(d.column.clone()));
-        headers.insert("x-lsn".into(), HeaderValue::Str(d.lsn.to_string()));
-        headers.insert(
-            "x-commit-lsn".into(),
-            HeaderValue::Str(ev.commit_lsn.to_string()),
-        );
-        headers.insert("x-op".into(), HeaderValue::Str(ev.op.code().into()));
-        Ok(self.dead_letter_message(ev, body, headers))
+        let mut msg =
+            self.dead_letter_message(ev, body, truncate(&e.to_string()), d.table.clone(), d.lsn);
+        msg.headers
+            .insert("x-column".into(), HeaderValue::Str(d.column.clone()));
+        Ok(msg)
     }
 
     async fn send(&mut self, msg: OutgoingMessage) -> Result<(), PipelineError> {
@@ -1437,28 +1431,32 @@ impl<S: Sink> Publisher<S> {
         body.extend_from_slice(b",\"xid\":");
         body.extend_from_slice(ev.xid.to_string().as_bytes());
         body.push(b'}');
+        let mut msg = self.dead_letter_message(ev, body, "oversized".into(), table, ev.lsn);
+        msg.headers
+            .insert("x-size".into(), HeaderValue::Int(size as i64));
+        self.send(msg).await
+    }
+
+    /// A JSON envelope standing for `ev` on the dead-letter key, with the id
+    /// the event itself would have had and the headers every envelope
+    /// carries (`x-error`, `x-table`, `x-lsn`, `x-commit-lsn`, `x-op`).
+    fn dead_letter_message(
+        &self,
+        ev: &ChangeEvent,
+        body: Vec<u8>,
+        error: String,
+        table: String,
+        lsn: Lsn,
+    ) -> OutgoingMessage {
         let mut headers = std::collections::BTreeMap::new();
-        headers.insert("x-error".into(), HeaderValue::Str("oversized".into()));
+        headers.insert("x-error".into(), HeaderValue::Str(error));
         headers.insert("x-table".into(), HeaderValue::Str(table));
-        headers.insert("x-lsn".into(), HeaderValue::Str(ev.lsn.to_string()));
+        headers.insert("x-lsn".into(), HeaderValue::Str(lsn.to_string()));
         headers.insert(
             "x-commit-lsn".into(),
             HeaderValue::Str(ev.commit_lsn.to_string()),
         );
         headers.insert("x-op".into(), HeaderValue::Str(ev.op.code().into()));
-        headers.insert("x-size".into(), HeaderValue::Int(size as i64));
-        let msg = self.dead_letter_message(ev, body, headers);
-        self.send(msg).await
-    }
-
-    /// A JSON envelope standing for `ev` on the dead-letter key, with the id
-    /// the event itself would have had.
-    fn dead_letter_message(
-        &self,
-        ev: &ChangeEvent,
-        body: Vec<u8>,
-        headers: std::collections::BTreeMap<String, HeaderValue>,
-    ) -> OutgoingMessage {
         OutgoingMessage {
             routing_key: self.dead_letter_key.clone(),
             body: Bytes::from(body),
