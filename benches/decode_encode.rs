@@ -7,7 +7,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use odoo_cdc::event::{EncodeOptions, encode_json};
-use odoo_cdc::transaction::{Assembler, Output, PlainTables};
+use odoo_cdc::transaction::{Assembler, Output};
 
 fn load() -> Vec<(odoo_cdc::lsn::Lsn, bytes::Bytes)> {
     let text = std::fs::read_to_string(concat!(
@@ -23,10 +23,10 @@ fn drive(
     stream: &[(odoo_cdc::lsn::Lsn, bytes::Bytes)],
     mut f: impl FnMut(&odoo_cdc::event::ChangeEvent),
 ) -> usize {
-    let mut asm = Assembler::new(Box::new(PlainTables), 64 << 20, None);
+    let mut asm = Assembler::new(64 << 20, None);
     let mut n = 0;
     for (lsn, body) in stream {
-        asm.push(*lsn, body).expect("push");
+        asm.push_plain(*lsn, body).expect("push");
         while let Some(out) = asm.next().expect("next") {
             if let Output::Event(ev) = out {
                 f(&ev);

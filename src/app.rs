@@ -70,25 +70,25 @@ pub async fn main(invocation: Invocation) -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(crate::pipeline::PipelineError::Snapshot(e)),
+                Err(e) => fail(crate::session::SessionError::Snapshot(e)),
             }
         }
     }
 }
 
 async fn slot_command(action: SlotAction, settings: &Settings) -> ExitCode {
-    match crate::slot::command(action, settings).await {
+    match crate::slot::command(action, &settings.source, &settings.slot).await {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
         }
-        Err(e) => fail(crate::pipeline::PipelineError::Slot(e)),
+        Err(e) => fail(crate::session::SessionError::Slot(e)),
     }
 }
 
 /// A one-shot command's failure: the same message and exit code `run` gives
 /// for the same condition (docs/operations.md).
-fn fail(e: crate::pipeline::PipelineError) -> ExitCode {
+fn fail(e: crate::session::SessionError) -> ExitCode {
     eprintln!("odoo-cdc: {e}");
     ExitCode::from(e.exit_code())
 }

@@ -23,12 +23,7 @@ pub enum Invocation {
     Snapshot(Vec<String>, Settings),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotAction {
-    Create,
-    Drop,
-    Status,
-}
+pub use crate::slot::SlotAction;
 
 /// Options that make no sense for a subcommand are not offered there.
 fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {

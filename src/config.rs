@@ -12,10 +12,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::pipeline::{Format, Granularity};
+use crate::event::Format;
 use crate::replication::PgConfig;
 use crate::routing::Routing;
-use crate::secret::Secret;
+use crate::secret::{Secret, redact_url};
+pub use crate::session::config::{Granularity, OnDecodeError, OnOversized};
 
 /// Every option key, its kind, and its help text. The file keys and the
 /// environment names (`ODOO_CDC_<KEY>`) derive from this list.
@@ -546,17 +547,6 @@ impl std::fmt::Debug for AmqpUrl {
     }
 }
 
-/// `scheme://user:***@host/...` for any URL with credentials.
-pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((creds, host)) = rest.rsplit_once('@')
-    {
-        let user = creds.split(':').next().unwrap_or("");
-        return format!("{scheme}://{user}:***@{host}");
-    }
-    url.to_string()
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -567,28 +557,6 @@ pub enum LogFormat {
 pub enum Unroutable {
     Fail,
     Drop,
-}
-
-/// `--on-oversized`: what happens to an event too large to publish. Never an
-/// endless retry of a message the broker will refuse again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnOversized {
-    /// Stop with an error naming table, key and LSN (exit code 6).
-    Fail,
-    /// Publish an envelope (table, key, LSN, size) to `<prefix>.dead_letter`.
-    DeadLetter,
-}
-
-/// `--on-decode-error`: what happens to a value or pgoutput message that
-/// cannot be decoded. Never a silent null or a skipped event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnDecodeError {
-    /// Stop with an error naming table, column and LSN (exit code 5).
-    Fail,
-    /// Publish the event with the column's raw text, named in `source.raw_columns`.
-    Raw,
-    /// Publish the raw payload and the error to `<prefix>.dead_letter` instead.
-    DeadLetter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -842,8 +810,8 @@ impl Settings {
     }
 
     /// The replication session's settings.
-    pub fn session(&self) -> crate::pipeline::SessionConfig {
-        let mut s = crate::pipeline::SessionConfig::new(
+    pub fn session(&self) -> crate::session::config::SessionConfig {
+        let mut s = crate::session::config::SessionConfig::new(
             self.source.clone(),
             self.slot.clone(),
             self.publication.clone(),

@@ -5,25 +5,26 @@
 //!
 //! The catalog is loaded once per session and cached per relation OID. A
 //! `Relation` message that no longer matches the cache (a table created or
-//! altered since) refreshes that one table from the catalog. The assembler
-//! calls the describer synchronously, so the refresh runs on a small thread of
-//! its own with its own connection, opened on first need; the assembler waits
-//! for it (a refresh happens once per new or altered table, not per row).
+//! altered since) refreshes that one table from the catalog, over a
+//! connection of its own opened on first need. Describing is async: the WAL
+//! reader awaits it like any other I/O, so the runtime thread (and with it
+//! the standby status updates) never waits on the catalog. A refresh happens
+//! once per new or altered table, not per row.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::catalog::{self, TableFacts, within};
 use crate::event::TableInfo;
 use crate::filter::{Decision, Identity, SelectionConfig};
 use crate::odoo::OdooCatalog;
-use crate::pipeline::SessionConfig;
 use crate::replication::PgConfig;
 use crate::schema::{Relation, ReplicaIdentity};
+use crate::session::config::SessionConfig;
 use crate::slot::SlotError;
 use crate::transaction::TableDescriber;
+use futures::future::BoxFuture;
 
 /// jsonb: Odoo stores translated fields in it.
 const JSONB_OID: u32 = 3802;
@@ -61,7 +62,7 @@ pub async fn for_session(cfg: &SessionConfig) -> Result<Box<dyn TableDescriber>,
         refresher: Refresher {
             source: cfg.source.clone(),
             odoo_schema: odoo.as_ref().map(|o| o.schema.clone()),
-            jobs: None,
+            client: None,
         },
         odoo,
         tables: tables.into_iter().map(|t| (t.oid, t)).collect(),
@@ -82,7 +83,7 @@ impl CatalogDescriber {
             refresher: Refresher {
                 source,
                 odoo_schema: odoo.as_ref().map(|o| o.schema.clone()),
-                jobs: None,
+                client: None,
             },
             odoo,
             tables: tables.into_iter().map(|t| (t.oid, t)).collect(),
@@ -99,8 +100,8 @@ impl CatalogDescriber {
         })
     }
 
-    fn refresh(&mut self, relation: &Relation) {
-        match self.refresher.fetch(relation.oid, &relation.table) {
+    async fn refresh(&mut self, relation: &Relation) {
+        match self.refresher.fetch(relation.oid, &relation.table).await {
             Ok((facts, odoo)) => {
                 match facts {
                     Some(f) => {
@@ -189,11 +190,13 @@ impl CatalogDescriber {
 }
 
 impl TableDescriber for CatalogDescriber {
-    fn describe(&mut self, relation: Arc<Relation>) -> TableInfo {
-        if !self.fresh(&relation) {
-            self.refresh(&relation);
-        }
-        self.build(relation)
+    fn describe(&mut self, relation: Arc<Relation>) -> BoxFuture<'_, TableInfo> {
+        Box::pin(async move {
+            if !self.fresh(&relation) {
+                self.refresh(&relation).await;
+            }
+            self.build(relation)
+        })
     }
 }
 
@@ -219,102 +222,54 @@ fn identity_from_relation(relation: &Relation) -> Identity {
 
 type Fetched = (Option<TableFacts>, Option<OdooCatalog>);
 
-struct Job {
-    oid: u32,
-    table: String,
-    reply: mpsc::Sender<Result<Fetched, String>>,
-}
-
-/// A thread with its own runtime and connection that answers catalog
-/// refreshes, so the synchronous describer can wait on it from any runtime.
+/// Answers catalog refreshes over a connection of its own, opened on first
+/// need and dropped after a failure (the next refresh reconnects).
 struct Refresher {
     source: PgConfig,
     odoo_schema: Option<String>,
-    jobs: Option<mpsc::Sender<Job>>,
+    client: Option<tokio_postgres::Client>,
 }
 
 impl Refresher {
-    fn fetch(&mut self, oid: u32, table: &str) -> Result<Fetched, String> {
-        if self.jobs.is_none() {
-            self.jobs = Some(self.spawn()?);
-        }
-        let (reply, answer) = mpsc::channel();
-        let job = Job {
-            oid,
-            table: table.to_string(),
-            reply,
+    async fn fetch(&mut self, oid: u32, table: &str) -> Result<Fetched, String> {
+        let result = match tokio::time::timeout(REFRESH_WAIT, self.try_fetch(oid, table)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no catalog answer within {REFRESH_WAIT:?}")),
         };
-        if self.jobs.as_ref().is_some_and(|j| j.send(job).is_err()) {
-            self.jobs = None;
-            return Err("the catalog refresh thread stopped".into());
+        if result.is_err() {
+            self.client = None;
         }
-        let wait = || {
-            answer
-                .recv_timeout(REFRESH_WAIT)
-                .map_err(|e| format!("no catalog answer: {e}"))
-        };
-        // Blocking a runtime worker: tell a multi-threaded runtime to move its
-        // other tasks elsewhere meanwhile.
-        let on_multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if on_multi_thread {
-            tokio::task::block_in_place(wait)?
-        } else {
-            wait()?
-        }
+        result
     }
 
-    fn spawn(&self) -> Result<mpsc::Sender<Job>, String> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let source = self.source.clone();
-        let schema = self.odoo_schema.clone();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the catalog runtime: {e}"))?;
-        std::thread::Builder::new()
-            .name("odoo-cdc-catalog".into())
-            .spawn(move || {
-                let mut client: Option<tokio_postgres::Client> = None;
-                // Ends when the describer (the sender) is dropped.
-                while let Ok(job) = rx.recv() {
-                    let result = runtime.block_on(async {
-                        if client.is_none() {
-                            client = Some(
-                                crate::replication::sql::connect(&source)
-                                    .await
-                                    .map_err(|e| e.to_string())?,
-                            );
-                        }
-                        let Some(c) = client.as_ref() else {
-                            return Err("no catalog connection".to_string());
-                        };
-                        let facts = within("refreshing a table", catalog::tables(c, Some(job.oid)))
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .into_iter()
-                            .next();
-                        let odoo = match &schema {
-                            Some(s) => Some(
-                                within(
-                                    "refreshing the Odoo model of a table",
-                                    OdooCatalog::load(c, s, Some(&job.table)),
-                                )
-                                .await
-                                .map_err(|e| e.to_string())?,
-                            ),
-                            None => None,
-                        };
-                        Ok((facts, odoo))
-                    });
-                    if result.is_err() {
-                        client = None;
-                    }
-                    let _ = job.reply.send(result);
-                }
-            })
-            .map_err(|e| format!("cannot start the catalog thread: {e}"))?;
-        Ok(tx)
+    async fn try_fetch(&mut self, oid: u32, table: &str) -> Result<Fetched, String> {
+        if self.client.is_none() {
+            self.client = Some(
+                crate::replication::sql::connect(&self.source)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let Some(c) = self.client.as_ref() else {
+            return Err("no catalog connection".to_string());
+        };
+        let facts = within("refreshing a table", catalog::tables(c, Some(oid)))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .next();
+        let odoo = match &self.odoo_schema {
+            Some(s) => Some(
+                within(
+                    "refreshing the Odoo model of a table",
+                    OdooCatalog::load(c, s, Some(table)),
+                )
+                .await
+                .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        Ok((facts, odoo))
     }
 }
 

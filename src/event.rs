@@ -20,6 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
+pub use crate::odoo::Many2Many;
 use crate::pgoutput::{ColumnValue, OldTuple, TupleData};
 use crate::schema::Relation;
 use crate::value::{ValueError, write_json, write_json_str, write_json_string};
@@ -82,18 +83,6 @@ pub struct TableInfo {
     pub translated_column: Vec<bool>,
     /// An Odoo many2many relation table (`*_rel`): which models it links.
     pub many2many: Option<Many2Many>,
-}
-
-/// The models a many2many relation table links, as far as the profile knows
-/// them (`source.many2many` in events).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Many2Many {
-    /// The model owning the field (`sale.order.line`).
-    pub model: Option<String>,
-    /// The many2many field (`tax_id`), when `ir_model_fields` names it.
-    pub field: Option<String>,
-    /// The model linked to (`account.tax`).
-    pub comodel: Option<String>,
 }
 
 impl TableInfo {
@@ -222,6 +211,22 @@ pub struct EncodeErrorDetail {
 impl From<EncodeErrorDetail> for EncodeError {
     fn from(d: EncodeErrorDetail) -> Self {
         EncodeError(Box::new(d))
+    }
+}
+
+/// How events are encoded: JSON (the default) or Protobuf (`proto/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Protobuf,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Protobuf => "application/x-protobuf",
+        }
     }
 }
 

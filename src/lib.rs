@@ -13,6 +13,7 @@
 //! module named after it.
 
 pub mod app;
+pub mod backoff;
 pub mod catalog;
 pub mod check;
 pub mod checkpoint;
@@ -21,12 +22,12 @@ pub mod config;
 pub mod describer;
 pub mod event;
 pub mod filter;
+pub mod glob;
 pub mod lsn;
 pub mod metrics;
 pub mod metrics_server;
 pub mod odoo;
 pub mod pgoutput;
-pub mod pipeline;
 pub mod protobuf;
 pub mod publication;
 mod queue;
@@ -35,6 +36,7 @@ pub mod retention;
 pub mod routing;
 pub mod schema;
 pub mod secret;
+pub mod session;
 pub mod sink;
 pub mod slot;
 pub mod snapshot;

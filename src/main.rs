@@ -1,6 +1,6 @@
 //! The `odoo-cdc` binary: parse, validate, then hand over to the library.
 //!
-//! Exit codes (`odoo_cdc::pipeline::exit_code`, also in docs/operations.md):
+//! Exit codes (`odoo_cdc::session::exit_code`, also in docs/operations.md):
 //! - 0: clean shutdown (SIGTERM/SIGINT, in-flight confirms awaited);
 //! - 1: runtime failure that retrying cannot fix, not covered below;
 //! - 2: bad configuration or usage (the message names the option);

@@ -14,10 +14,21 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::event::Many2Many;
-use crate::filter::Glob;
+use crate::glob::Glob;
 use crate::replication::quote_ident;
 use crate::value::{ValueError, write_json_str};
+
+/// The models a many2many relation table links, as far as the profile knows
+/// them (`source.many2many` in events).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Many2Many {
+    /// The model owning the field (`sale.order.line`).
+    pub model: Option<String>,
+    /// The many2many field (`tax_id`), when `ir_model_fields` names it.
+    pub field: Option<String>,
+    /// The model linked to (`account.tax`).
+    pub comodel: Option<String>,
+}
 
 /// High-churn technical tables the profile leaves out unless an `--include`
 /// names them: they are Odoo's plumbing, not business data, and would dominate

@@ -26,8 +26,8 @@ use std::collections::BTreeSet;
 use crate::catalog::ident as quote_ident;
 use crate::catalog::{self, PublicationFacts, TableFacts, within};
 use crate::filter::{Decision, PublicationMode, SelectionConfig, no_identity_message};
-use crate::pipeline::SessionConfig;
 use crate::replication::ReplicationError;
+use crate::session::config::SessionConfig;
 use crate::slot::SlotError;
 
 const PUBLISH_ALL: &str = "insert, update, delete, truncate";

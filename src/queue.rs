@@ -16,7 +16,31 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::event::ChangeEvent;
-use crate::pipeline::Item;
+use crate::lsn::Lsn;
+use crate::sink::OutgoingMessage;
+
+/// What the reader (and the snapshot) sends to the publisher, in WAL order.
+pub(crate) enum Item {
+    Begin {
+        xid: u32,
+        commit_lsn: Lsn,
+        commit_ts: i64,
+    },
+    Event(ChangeEvent),
+    Commit {
+        end_lsn: Lsn,
+    },
+    /// A safe position with nothing to publish (heartbeat, unpublished message).
+    Mark(Lsn),
+    /// Answered once everything sent before is confirmed (end of a snapshot).
+    Barrier(tokio::sync::oneshot::Sender<()>),
+    /// The server's WAL end from a keepalive while no transaction is open:
+    /// safe once everything before is confirmed, and then we are caught up.
+    Idle(Lsn),
+    /// A pgoutput message that could not be decoded, for the dead-letter key
+    /// (`--on-decode-error=raw|dead-letter`).
+    DeadLetter(OutgoingMessage),
+}
 
 /// Bytes counted for an item that carries no row data (begin, commit, marks).
 const SMALL_ITEM: usize = 64;

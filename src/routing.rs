@@ -118,7 +118,7 @@ impl Routing {
             headers.insert("x-table".into(), HeaderValue::Str(format!("{s}.{t}")));
         }
         headers.insert("x-op".into(), HeaderValue::Str(ev.op.code().into()));
-        if content_type == crate::pipeline::Format::Protobuf.content_type() {
+        if content_type == crate::event::Format::Protobuf.content_type() {
             headers.insert(
                 "x-protobuf-type".into(),
                 HeaderValue::Str(crate::protobuf::EVENT_TYPE_NAME.into()),

@@ -7,8 +7,8 @@
 //! LSN than the slot already has must never happen).
 
 use crate::lsn::Lsn;
-use crate::pipeline::SessionConfig;
 use crate::replication::{ReplicationClient, ReplicationError, SnapshotAction};
+use crate::session::config::SessionConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
@@ -138,18 +138,15 @@ pub async fn finish_snapshot(
 
 pub use crate::replication::{quote_ident, quote_literal};
 
-/// Ensures the publication and slot exist (creating them when asked) and returns
-/// the LSN to start from.
+/// Ensures the slot exists (creating it when asked) and returns the LSN to
+/// start from. The publication must be ready before (`publication::prepare`):
+/// a slot created before its publication cannot decode the WAL in between.
 pub async fn prepare(
     client: &mut ReplicationClient,
     cfg: &SessionConfig,
 ) -> Result<Prepared, SlotError> {
     use crate::snapshot::SnapshotMode;
     let db = cfg.source.dbname.clone();
-    // Publications first: a slot created before its publication cannot decode
-    // the WAL in between.
-    crate::publication::prepare(cfg).await?;
-
     if cfg.snapshot == SnapshotMode::InitialOnly {
         // A one-off copy: the streaming slot is not created or touched.
         return create_exported(client, cfg, false).await;
@@ -229,29 +226,37 @@ pub async fn prepare(
     }
 }
 
+/// `odoo-cdc slot create|drop|status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotAction {
+    Create,
+    Drop,
+    Status,
+}
+
 /// `odoo-cdc slot create|drop|status`: returns a human-readable report.
 pub async fn command(
-    action: crate::cli::SlotAction,
-    settings: &crate::config::Settings,
+    action: SlotAction,
+    source: &crate::replication::PgConfig,
+    slot: &str,
 ) -> Result<String, SlotError> {
-    use crate::cli::SlotAction;
-    let mut client = ReplicationClient::connect(&settings.source).await?;
+    let mut client = ReplicationClient::connect(source).await?;
     match action {
         SlotAction::Create => {
             let created = client
-                .create_logical_slot(&settings.slot, false, SnapshotAction::NoExport)
+                .create_logical_slot(slot, false, SnapshotAction::NoExport)
                 .await?;
             Ok(format!(
                 "created slot {} (plugin {}) at consistent point {}",
                 created.slot_name, created.output_plugin, created.consistent_point
             ))
         }
-        SlotAction::Drop => match client.drop_slot(&settings.slot, false).await {
-            Ok(_) => Ok(format!("dropped slot {}", settings.slot)),
+        SlotAction::Drop => match client.drop_slot(slot, false).await {
+            Ok(_) => Ok(format!("dropped slot {}", slot)),
             // undefined_object: the same message (and exit code) as `run` and `status`.
             Err(e) if e.sqlstate() == Some("42704") => Err(SlotError::Missing {
-                slot: settings.slot.clone(),
-                db: settings.source.dbname.clone(),
+                slot: slot.to_string(),
+                db: source.dbname.clone(),
             }),
             Err(e) => Err(e.into()),
         },
@@ -262,13 +267,13 @@ pub async fn command(
                      wal_status, pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), \
                      pg_size_pretty(safe_wal_size) \
                      FROM pg_replication_slots WHERE slot_name = {} AND database = current_database()",
-                    quote_literal(&settings.slot)
+                    quote_literal(slot)
                 ))
                 .await?;
             let Some(r) = rows.first() else {
                 return Err(SlotError::Missing {
-                    slot: settings.slot.clone(),
-                    db: settings.source.dbname.clone(),
+                    slot: slot.to_string(),
+                    db: source.dbname.clone(),
                 });
             };
             let f = |i: usize| r.get(i).cloned().flatten().unwrap_or_else(|| "-".into());

@@ -7,20 +7,20 @@
 
 use std::time::Duration;
 
+use crate::backoff::Backoff;
 use crate::metrics::ReconnectCause;
-use crate::pipeline::PipelineError;
-use crate::supervisor::Backoff;
+use crate::session::SessionError;
 
 /// Whether `e` says another instance holds the slot: this instance is a standby.
 /// The classification lives with the other reconnect causes in the pipeline.
-pub fn slot_in_use(e: &PipelineError) -> bool {
+pub fn slot_in_use(e: &SessionError) -> bool {
     e.reconnect_cause() == ReconnectCause::SlotInUse
 }
 
 /// How long to wait before the next session after the retryable failure `e`:
 /// a standby polls the slot every `standby_retry` (and starts the backoff over,
 /// since waiting for the slot is not a failure streak); anything else backs off.
-pub fn retry_delay(e: &PipelineError, backoff: &mut Backoff, standby_retry: Duration) -> Duration {
+pub fn retry_delay(e: &SessionError, backoff: &mut Backoff, standby_retry: Duration) -> Duration {
     if slot_in_use(e) {
         backoff.reset();
         return standby_retry;
@@ -31,7 +31,7 @@ pub fn retry_delay(e: &PipelineError, backoff: &mut Backoff, standby_retry: Dura
 /// Logs a standby's wait: once at info when it starts, then at debug on every
 /// poll. Waiting for the slot is the standby working as intended, not a
 /// failure to warn about every few seconds for as long as the active one runs.
-pub fn log_wait(e: &PipelineError, already_waiting: &mut bool, retry: Duration) {
+pub fn log_wait(e: &SessionError, already_waiting: &mut bool, retry: Duration) {
     if *already_waiting {
         tracing::debug!(error = %e, "standby: the slot is still held");
     } else {
@@ -52,12 +52,12 @@ mod tests {
     #[test]
     fn a_standby_polls_at_its_period_and_other_failures_back_off() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-        let in_use = PipelineError::Slot(SlotError::InUse {
+        let in_use = SessionError::Slot(SlotError::InUse {
             slot: "s".into(),
             pid: "42".into(),
         });
         assert!(slot_in_use(&in_use));
-        let other = PipelineError::StreamEnded;
+        let other = SessionError::StreamEnded;
         assert!(!slot_in_use(&other));
         for _ in 0..8 {
             assert!(retry_delay(&other, &mut b, Duration::from_secs(2)) <= Duration::from_secs(30));

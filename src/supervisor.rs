@@ -13,11 +13,11 @@
 //! The state is a circuit breaker visible in logs and in
 //! `odoo_cdc_circuit_state`: `connecting` (half-open: trying a session),
 //! `streaming` (closed), `backing_off` (open), `failed` (fatal, the process
-//! exits with [`PipelineError::exit_code`]), `stopped` (shutdown).
+//! exits with [`SessionError::exit_code`]), `stopped` (shutdown).
 //!
 //! Fatal conditions (bad credentials, missing/dropped/invalidated slot, missing
 //! publication, configuration, a value that cannot be encoded under
-//! `--on-decode-error=fail`) are decided by [`PipelineError::is_retryable`].
+//! `--on-decode-error=fail`) are decided by [`SessionError::is_retryable`].
 //! After the first session, the slot and publication are never created again:
 //! a slot that disappears while we run means changes were lost, and silently
 //! re-creating it would hide that.
@@ -27,10 +27,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::config::{QueueType as CfgQueueType, Settings, Unroutable};
 use crate::metrics::{CircuitState, Metrics};
-use crate::pipeline::{PipelineError, Stopped, run_session};
 use crate::retention::RetentionConfig;
+use crate::session::{SessionError, Stopped, run_session};
 use crate::sink::rabbitmq::{QueueSpec, QueueType, RabbitConfig, RabbitSink, UnroutablePolicy};
 use crate::sink::stdout::StdoutSink;
 use crate::sink::stream::{StreamConfig, StreamSink};
@@ -40,43 +41,6 @@ use crate::slot::SlotError;
 /// A session that streamed at least this long counts as healthy: its failure
 /// starts the backoff from the beginning again.
 pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
-
-/// Exponential backoff with full jitter, capped.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// The next delay: random in [ceiling/2, ceiling], ceiling = base·2^attempt capped.
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));
-        let ceiling = exp.min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = ceiling / 2;
-        let jitter = rand::random_range(0..=half.as_millis().max(1) as u64);
-        half + Duration::from_millis(jitter)
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    /// Failures in a row so far.
-    pub fn attempts(&self) -> u32 {
-        self.attempt
-    }
-}
 
 /// The broker settings of a run; `None` without `--amqp`.
 pub fn rabbit_config(settings: &Settings) -> Option<Result<RabbitConfig, String>> {
@@ -178,7 +142,7 @@ where
 async fn with_endpoint(
     settings: &Settings,
     metrics: Arc<Metrics>,
-    work: impl std::future::Future<Output = Result<Stopped, PipelineError>>,
+    work: impl std::future::Future<Output = Result<Stopped, SessionError>>,
 ) -> ExitCode {
     let server = match settings.metrics_addr {
         None => None,
@@ -219,7 +183,7 @@ pub async fn supervise<S, C, CF, F>(
     metrics: Arc<Metrics>,
     mut connect_sink: C,
     shutdown: F,
-) -> Result<Stopped, PipelineError>
+) -> Result<Stopped, SessionError>
 where
     S: Sink + 'static,
     C: FnMut() -> CF,
@@ -346,9 +310,9 @@ where
 }
 
 /// The source could not be reached at all (refused, unresolvable, timed out).
-fn postgres_unreachable(e: &PipelineError) -> bool {
+fn postgres_unreachable(e: &SessionError) -> bool {
     match e {
-        PipelineError::Replication(r) | PipelineError::Slot(SlotError::Replication(r)) => {
+        SessionError::Replication(r) | SessionError::Slot(SlotError::Replication(r)) => {
             r.is_unreachable()
         }
         _ => false,
@@ -356,7 +320,7 @@ fn postgres_unreachable(e: &PipelineError) -> bool {
 }
 
 /// What is known about the slot while the source is unreachable.
-fn slot_status(session: &crate::pipeline::SessionConfig, streamed: bool) -> &'static str {
+fn slot_status(session: &crate::session::config::SessionConfig, streamed: bool) -> &'static str {
     match (streamed, session.create_slot) {
         (true, _) => "exists (this process streamed from it)",
         (false, true) => "not checked yet (created on the first connection if missing)",
@@ -371,29 +335,5 @@ fn set_state(metrics: &Metrics, state: CircuitState, failures: u32) {
             failures_in_a_row = failures,
             "supervisor state"
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let mut prev_ceiling = Duration::ZERO;
-        for attempt in 0..10u32 {
-            let d = b.next_delay();
-            let ceiling =
-                (Duration::from_millis(100) * 2u32.pow(attempt)).min(Duration::from_secs(2));
-            assert!(
-                d >= ceiling / 2 && d <= ceiling + Duration::from_millis(1),
-                "{d:?} vs {ceiling:?}"
-            );
-            assert!(ceiling >= prev_ceiling);
-            prev_ceiling = ceiling;
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(101));
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::pipeline::{PipelineError, Stopped};
+use crate::session::{SessionError, Stopped};
 use crate::sink::SinkError;
 use crate::sink::stdout::StdoutSink;
 
@@ -26,7 +26,7 @@ where
 }
 
 /// In-process form for tests: the supervision loop with the stdout sink.
-pub async fn tail<F>(settings: &Settings, shutdown: F) -> Result<Stopped, PipelineError>
+pub async fn tail<F>(settings: &Settings, shutdown: F) -> Result<Stopped, SessionError>
 where
     F: std::future::Future<Output = ()>,
 {

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 
 use crate::event::{ChangeEvent, LogicalMessage, Op, TableInfo};
 use crate::lsn::Lsn;
@@ -55,17 +56,19 @@ pub enum Output {
     Progress(Lsn),
 }
 
-/// Decides, once per Relation message, how a table is captured.
+/// Decides, once per Relation message, how a table is captured. Async: a
+/// describer may ask the catalog (a table created or altered since the
+/// session started), and whoever feeds the [`Assembler`] awaits it.
 pub trait TableDescriber: Send {
-    fn describe(&mut self, relation: Arc<Relation>) -> TableInfo;
+    fn describe(&mut self, relation: Arc<Relation>) -> BoxFuture<'_, TableInfo>;
 }
 
 /// Captures every table the publication sends, as-is.
 pub struct PlainTables;
 
 impl TableDescriber for PlainTables {
-    fn describe(&mut self, relation: Arc<Relation>) -> TableInfo {
-        TableInfo::plain(relation)
+    fn describe(&mut self, relation: Arc<Relation>) -> BoxFuture<'_, TableInfo> {
+        Box::pin(std::future::ready(TableInfo::plain(relation)))
     }
 }
 
@@ -108,7 +111,8 @@ struct ActiveReplay {
 pub struct Assembler {
     cache: RelationCache,
     tables: HashMap<u32, Arc<TableInfo>>,
-    describer: Box<dyn TableDescriber>,
+    /// A relation whose description is awaited (see [`Assembler::take_undescribed`]).
+    undescribed: Option<Arc<Relation>>,
     /// Inside `Stream Start` .. `Stream Stop`: the streamed top-level xid.
     in_stream: Option<u32>,
     open: Option<OpenTxn>,
@@ -122,15 +126,11 @@ pub struct Assembler {
 impl Assembler {
     /// `mem_budget` bounds the bytes held in memory for all streamed
     /// transactions together; past it the buffer being appended to spills.
-    pub fn new(
-        describer: Box<dyn TableDescriber>,
-        mem_budget: usize,
-        spill_dir: Option<PathBuf>,
-    ) -> Self {
+    pub fn new(mem_budget: usize, spill_dir: Option<PathBuf>) -> Self {
         Assembler {
             cache: RelationCache::default(),
             tables: HashMap::new(),
-            describer,
+            undescribed: None,
             in_stream: None,
             open: None,
             streams: HashMap::new(),
@@ -162,16 +162,33 @@ impl Assembler {
         self.tables.get(&oid)
     }
 
-    /// Describes a relation read from the catalog (snapshots) with the same
-    /// describer as the stream, so filters and model names apply alike. The
-    /// relation cache of the stream is left alone.
-    pub fn describe_relation(&mut self, relation: Relation) -> Arc<TableInfo> {
-        Arc::new(self.describer.describe(Arc::new(relation)))
+    /// The relation of the Relation message just pushed, once: describe it
+    /// (a [`TableDescriber`], which may query the catalog) and hand the
+    /// description to [`Assembler::install`] before the next push. Until then
+    /// a change of that table is an error, never a stale description.
+    pub fn take_undescribed(&mut self) -> Option<Arc<Relation>> {
+        self.undescribed.take()
+    }
+
+    /// Puts a table description in force for the changes that follow.
+    pub fn install(&mut self, info: TableInfo) {
+        self.tables.insert(info.relation.oid, Arc::new(info));
+    }
+
+    /// Pushes with every relation described as-is ([`PlainTables`]): for
+    /// callers without a catalog (benchmarks, tools).
+    pub fn push_plain(&mut self, lsn: Lsn, body: &Bytes) -> Result<(), AssembleError> {
+        self.push(lsn, body)?;
+        if let Some(relation) = self.take_undescribed() {
+            self.install(TableInfo::plain(relation));
+        }
+        Ok(())
     }
 
     /// Feeds one XLogData payload. Drain [`Assembler::next`] before the next push.
     pub fn push(&mut self, lsn: Lsn, body: &Bytes) -> Result<(), AssembleError> {
         debug_assert!(self.ready.is_empty() && self.replay.is_none());
+        debug_assert!(self.undescribed.is_none(), "a relation was not described");
         let ctx = DecodeContext {
             in_stream: self.in_stream.is_some(),
             parallel_stream_abort: false,
@@ -517,8 +534,8 @@ impl Assembler {
     fn apply_relation(&mut self, body: RelationBody) {
         let relation = relation_from_wire(body);
         let shared = self.cache.upsert(relation);
-        let info = Arc::new(self.describer.describe(shared));
-        self.tables.insert(info.relation.oid, info);
+        self.tables.remove(&shared.oid);
+        self.undescribed = Some(shared);
     }
 
     /// The table descriptions a change refers to.

@@ -8,7 +8,7 @@ use postgres_protocol::message::frontend;
 
 use super::auth::authenticate;
 use super::coalesce::Coalescer;
-use super::command;
+use super::command::{self, SnapshotAction};
 use super::config::PgConfig;
 use super::connection::{Backend, Connection, parse_server_version};
 use super::error::ReplicationError;
@@ -26,21 +26,6 @@ pub struct SystemInfo {
     pub xlogpos: Lsn,
     /// The database this connection is bound to (`replication=database`).
     pub dbname: Option<String>,
-}
-
-/// What `CREATE_REPLICATION_SLOT` does with the snapshot at the slot's
-/// consistent point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotAction {
-    /// Export it (`pg_export_snapshot` style) for other sessions to import with
-    /// `SET TRANSACTION SNAPSHOT`. It stays valid only until this connection runs
-    /// its next command, so keep the client idle until the snapshot is imported.
-    Export,
-    /// Do not keep a snapshot.
-    NoExport,
-    /// Use it for the current transaction of this connection, which must have
-    /// been opened (`BEGIN ISOLATION LEVEL REPEATABLE READ`) just before.
-    Use,
 }
 
 /// A slot as `CREATE_REPLICATION_SLOT` reports it.

@@ -1,9 +1,23 @@
 //! Text of the replication commands, with names validated and quoted. Pure
 //! functions, so the exact strings are unit-tested without a server.
 
-use super::client::SnapshotAction;
 use super::error::ReplicationError;
 use crate::lsn::Lsn;
+
+/// What `CREATE_REPLICATION_SLOT` does with the snapshot at the slot's
+/// consistent point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotAction {
+    /// Export it (`pg_export_snapshot` style) for other sessions to import with
+    /// `SET TRANSACTION SNAPSHOT`. It stays valid only until this connection runs
+    /// its next command, so keep the client idle until the snapshot is imported.
+    Export,
+    /// Do not keep a snapshot.
+    NoExport,
+    /// Use it for the current transaction of this connection, which must have
+    /// been opened (`BEGIN ISOLATION LEVEL REPEATABLE READ`) just before.
+    Use,
+}
 
 /// Longest slot name Postgres accepts (`NAMEDATALEN - 1`).
 pub const MAX_SLOT_NAME_LEN: usize = 63;

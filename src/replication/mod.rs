@@ -27,7 +27,8 @@ pub mod stream;
 mod tls;
 mod wire;
 
-pub use client::{CreatedSlot, ReplicationClient, SnapshotAction, SystemInfo};
+pub use client::{CreatedSlot, ReplicationClient, SystemInfo};
+pub use command::SnapshotAction;
 pub use command::{publication_names_value, quote_ident, quote_literal, validate_slot_name};
 pub use config::{ConfigError, PgConfig, SESSION_SETTINGS, SslMode, session_options};
 pub use error::{ReplicationError, ServerError};

@@ -179,7 +179,7 @@ impl StreamConfig {
     }
 
     pub fn redacted_url(&self) -> String {
-        crate::config::redact_url(&self.url)
+        crate::secret::redact_url(&self.url)
     }
 
     pub(crate) fn endpoint(&self) -> &Endpoint {

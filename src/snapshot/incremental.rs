@@ -45,7 +45,7 @@ use crate::event::{ChangeEvent, Op, TableInfo};
 use crate::metrics::Metrics;
 use crate::pgoutput::{ColumnValue, TupleData};
 use crate::replication::{PgConfig, quote_literal};
-use crate::schema::Relation;
+use crate::transaction::TableDescriber;
 
 /// Keys of recent changes kept for the visibility check (per running job).
 const RECENT_CHANGES: usize = 100_000;
@@ -227,10 +227,10 @@ impl Incremental {
     /// Looks at one stream event. Returns `true` when it was a signal or
     /// watermark, consumed here; `out` then gets the snapshot rows to publish in
     /// its place. Other events of the table being snapshotted are recorded.
-    pub fn on_event(
+    pub async fn on_event(
         &mut self,
         ev: &ChangeEvent,
-        describe: &mut dyn FnMut(Relation) -> Arc<TableInfo>,
+        describer: &mut dyn TableDescriber,
         out: &mut Vec<ChangeEvent>,
     ) -> bool {
         if ev.op == Op::Message {
@@ -240,7 +240,7 @@ impl Incremental {
                 return true;
             }
             if m.prefix == WATERMARK_PREFIX {
-                self.on_watermark(ev, &m.content, describe, out);
+                self.on_watermark(ev, &m.content, describer, out).await;
                 return true;
             }
             return false;
@@ -389,11 +389,11 @@ impl Incremental {
         a.start_reply = Some(reply);
     }
 
-    fn on_watermark(
+    async fn on_watermark(
         &mut self,
         ev: &ChangeEvent,
         content: &[u8],
-        describe: &mut dyn FnMut(Relation) -> Arc<TableInfo>,
+        describer: &mut dyn TableDescriber,
         out: &mut Vec<ChangeEvent>,
     ) {
         let Ok(wm) = serde_json::from_slice::<Watermark>(content) else {
@@ -415,7 +415,7 @@ impl Incremental {
             "start" => {
                 // Changes are tracked from here on (`drain` saw the table's description).
                 if let Some(spec) = &a.spec {
-                    let info = describe(spec.relation.clone());
+                    let info = Arc::new(describer.describe(Arc::new(spec.relation.clone())).await);
                     let included = info.included;
                     if included {
                         tracing::info!(table = %a.table, estimated_rows = spec.estimated_rows, "on-demand snapshot started");

@@ -4,7 +4,7 @@
 //! Each worker connection imports the snapshot (`BEGIN ISOLATION LEVEL
 //! REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT`), then takes tables from
 //! a shared queue (largest first) and streams each with `COPY (SELECT ...) TO
-//! STDOUT`. Rows become `r` events on the pipeline's bounded channel, so a slow
+//! STDOUT`. Rows become `r` events on the session's bounded queue, so a slow
 //! broker slows the COPY down instead of filling memory.
 
 use std::collections::VecDeque;
@@ -19,8 +19,7 @@ use super::{SnapshotError, bounded, prepare_connection};
 use crate::event::{ChangeEvent, Op, TableInfo};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::pipeline::Item;
-use crate::queue::ItemSender;
+use crate::queue::{Item, ItemSender};
 use crate::replication::{PgConfig, quote_literal};
 use crate::transaction::TableDescriber;
 
@@ -65,7 +64,7 @@ pub(crate) async fn run(
         else {
             continue;
         };
-        let info = Arc::new(describer.describe(Arc::new(spec.relation.clone())));
+        let info = Arc::new(describer.describe(Arc::new(spec.relation.clone())).await);
         if !info.included {
             tracing::debug!(table = %spec.qualified(), "not snapshotted: excluded");
             continue;

@@ -3,6 +3,7 @@
 //! The broker URL carries the password, so it is kept private and only ever
 //! shown through [`RabbitConfig::redacted_url`].
 
+use crate::secret::redact_url;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -103,27 +104,6 @@ fn parse_url(url: &str) -> Result<AMQPUri, InvalidAmqpUrl> {
             url: redacted,
         }
     })
-}
-
-/// Replaces the password of `scheme://user:password@rest` with `***`.
-///
-/// Takes the *last* `@` as the end of the user info, so a password with an
-/// unescaped `@` or `/` is still hidden; an `@` later in the URL (unusual) only
-/// makes the output over-redacted, never leaky.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        // Not URL-shaped: there is no telling where a password would be.
-        return "***".to_owned();
-    };
-    let (scheme, rest) = url.split_at(scheme_end + 3);
-    let Some(at) = rest.rfind('@') else {
-        return url.to_owned();
-    };
-    let (userinfo, host) = rest.split_at(at);
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}{user}:***{host}"),
-        None => url.to_owned(),
-    }
 }
 
 /// The kind of the optional quick-start queue (`x-queue-type`).
