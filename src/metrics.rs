@@ -1,5 +1,5 @@
 //! Counters and gauges of a running connector, rendered in the Prometheus text
-//! format by the metrics endpoint ([`crate::metrics_server`]).
+//! format by the metrics endpoint (`metrics_server.rs`).
 //!
 //! One event per occurrence: the pipeline calls a method here where something
 //! happens. Atomics only on the hot path: per event a few relaxed increments on

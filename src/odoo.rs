@@ -1,7 +1,7 @@
 //! The Odoo profile: what an Odoo database means beyond its tables.
 //!
-//! Kept out of the generic code: the table describer ([`crate::describer`]) and
-//! the selection ([`crate::filter`]) ask this module, per table, for an
+//! Kept out of the generic code: the table describer (`describer.rs`) and
+//! the selection (`filter.rs`) ask this module, per table, for an
 //! [`OdooTable`]: the model name (`sale_order` → `sale.order`, from `ir_model`),
 //! whether it is a many2many relation table and which models it links, which
 //! columns are translated fields, and whether the profile leaves the table out

@@ -1,7 +1,7 @@
 //! Connection settings for the source database, parsed from a `postgres://` URL.
 //!
 //! The same [`PgConfig`] opens both the walsender connection
-//! ([`super::ReplicationClient`]) and ordinary SQL connections ([`super::sql`]), so
+//! (`ReplicationClient`) and ordinary SQL connections (`replication::sql`), so
 //! host, credentials, TLS and session settings cannot drift apart between them.
 
 use std::fmt;

@@ -3,7 +3,7 @@
 //!
 //! A sink only *delivers*; it never decides what is safe to acknowledge to
 //! Postgres. Each publish hands back a [`Confirm`], and the pipeline feeds
-//! positive outcomes to the [`crate::checkpoint::Checkpoint`]. Anything else (a
+//! positive outcomes to the checkpoint (`checkpoint.rs`). Anything else (a
 //! nack, a returned message, a timeout, a closed channel) is an error that stops
 //! the pipeline before the slot can move past the event.
 

@@ -25,7 +25,7 @@
 //!   low and high watermark are dropped from the chunk, the rest are published at
 //!   the high watermark, in stream order.
 //!
-//! Message ids of snapshot events (see [`crate::event::ChangeEvent::message_id`]):
+//! Message ids of snapshot events (see `ChangeEvent::message_id` in `event.rs`):
 //! `<LSN, 16 hex>-r<table OID, 8 hex>-<row ordinal, 10 digits>`, where the LSN is
 //! the consistent point (initial) or the commit LSN of the chunk's high watermark
 //! (on demand). The `r` keeps them apart from stream ids (`<LSN>-<8 digits>`) and
