@@ -2,9 +2,9 @@
 //! your own Rust program, with your own [`Sink`].
 //!
 //! `odoo-cdc tail` and `odoo-cdc run` are thin wrappers around
-//! [`pipeline::run_session`]: it reads the slot, decodes pgoutput, builds change
+//! [`session::run_session`]: it reads the slot, decodes pgoutput, builds change
 //! events, encodes them, and hands each message to a sink. The sink decides
-//! where events go; the pipeline decides when the slot may move. Here the sink
+//! where events go; the session decides when the slot may move. Here the sink
 //! prints one line per event (`<message_id> <routing key> <JSON body>`) and
 //! answers [`Confirm::OnFlush`]: the slot only advances over events whose lines
 //! [`Sink::flush`] wrote out, so stopping this program at any point loses

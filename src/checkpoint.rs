@@ -23,10 +23,10 @@
 //! ack was observed: waiting for the horizon means the return is seen (and the
 //! session fails) before the checkpoint can move past the message.
 //!
-//! This type does no I/O and knows nothing of the sink: the pipeline registers a
+//! This type does no I/O and knows nothing of the sink: the publisher registers a
 //! delivery when it hands a message to the sink and calls [`Checkpoint::confirm`]
 //! when the sink's confirm resolves positively. A negative outcome is never fed
-//! here: the pipeline fails instead, and replication restarts from the last
+//! here: the session fails instead, and replication restarts from the last
 //! confirmed LSN.
 
 use std::collections::VecDeque;

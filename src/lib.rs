@@ -9,7 +9,7 @@
 //!    └──────── checkpoint (ordered, confirm-driven) ◀──── sink (RabbitMQ | stdout)
 //! ```
 //!
-//! [`pipeline`] joins them for one replication session. Each concept lives in the
+//! [`session`] joins them for one replication session. Each concept lives in the
 //! module named after it.
 
 pub mod app;

@@ -1,7 +1,7 @@
 //! Counters and gauges of a running connector, rendered in the Prometheus text
 //! format by the metrics endpoint (`metrics_server.rs`).
 //!
-//! One event per occurrence: the pipeline calls a method here where something
+//! One event per occurrence: the session calls a method here where something
 //! happens. Atomics only on the hot path: per event a few relaxed increments on
 //! counters that belong to the event's table, found through a per-task cache
 //! keyed by relation OID ([`TableCounterCache`]) — no lock, no allocation and no

@@ -12,7 +12,7 @@ use crate::metrics::ReconnectCause;
 use crate::session::SessionError;
 
 /// Whether `e` says another instance holds the slot: this instance is a standby.
-/// The classification lives with the other reconnect causes in the pipeline.
+/// The classification lives with the other reconnect causes in `session::error`.
 pub fn slot_in_use(e: &SessionError) -> bool {
     e.reconnect_cause() == ReconnectCause::SlotInUse
 }

@@ -82,46 +82,55 @@ pub fn stream_config(settings: &Settings) -> Option<Result<StreamConfig, String>
     )
 }
 
+/// The broker a run publishes to, chosen from the settings.
+enum SinkChoice {
+    Amqp(RabbitConfig),
+    Stream(StreamConfig),
+}
+
+/// The one place a sink is chosen: `--stream-url` (stream protocol) or
+/// `--amqp` (AMQP 0-9-1). A new sink is a file under `sink/` implementing
+/// [`Sink`], its options, and one arm here and in [`run`]; the session and
+/// the publisher do not change.
+fn choose_sink(settings: &Settings) -> Result<SinkChoice, String> {
+    if let Some(cfg) = stream_config(settings) {
+        return cfg
+            .map(SinkChoice::Stream)
+            .map_err(|e| format!("invalid --stream-url: {e}"));
+    }
+    match rabbit_config(settings) {
+        Some(cfg) => cfg
+            .map(SinkChoice::Amqp)
+            .map_err(|e| format!("invalid --amqp: {e}")),
+        None => Err("run needs --amqp (or --stream-url)".into()),
+    }
+}
+
 /// `odoo-cdc run`: sessions to RabbitMQ until shutdown (exit 0) or a fatal
 /// error (its exit code).
 pub async fn run<F>(settings: Settings, shutdown: F) -> ExitCode
 where
     F: std::future::Future<Output = ()>,
 {
-    if let Some(cfg) = stream_config(&settings) {
-        let cfg = match cfg {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "invalid --stream-url");
-                return ExitCode::from(2);
-            }
-        };
-        let metrics = Arc::new(Metrics::new());
-        let stats = Arc::clone(&cfg.stats);
-        metrics.add_render_hook(Box::new(move |out| stats.render(out)));
-        let connect = move || StreamSink::connect(cfg.clone());
-        return with_endpoint(&settings, metrics.clone(), async {
-            supervise(&settings, metrics, connect, shutdown).await
-        })
-        .await;
-    }
-    let rabbit = match rabbit_config(&settings) {
-        None => {
-            tracing::error!("run needs --amqp");
-            return ExitCode::from(2);
-        }
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "invalid --amqp");
-            return ExitCode::from(2);
-        }
-        Some(Ok(r)) => r,
-    };
     let metrics = Arc::new(Metrics::new());
-    let connect = move || RabbitSink::connect(rabbit.clone());
-    with_endpoint(&settings, metrics.clone(), async {
-        supervise(&settings, metrics, connect, shutdown).await
-    })
-    .await
+    match choose_sink(&settings) {
+        Err(e) => {
+            tracing::error!(error = %e, "cannot choose a sink");
+            ExitCode::from(2)
+        }
+        Ok(SinkChoice::Stream(cfg)) => {
+            let stats = Arc::clone(&cfg.stats);
+            metrics.add_render_hook(Box::new(move |out| stats.render(out)));
+            let connect = move || StreamSink::connect(cfg.clone());
+            let work = supervise(&settings, metrics.clone(), connect, shutdown);
+            with_endpoint(&settings, metrics.clone(), work).await
+        }
+        Ok(SinkChoice::Amqp(cfg)) => {
+            let connect = move || RabbitSink::connect(cfg.clone());
+            let work = supervise(&settings, metrics.clone(), connect, shutdown);
+            with_endpoint(&settings, metrics.clone(), work).await
+        }
+    }
 }
 
 /// `odoo-cdc tail`: the same supervision with the stdout sink.

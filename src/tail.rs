@@ -1,6 +1,6 @@
 //! `odoo-cdc tail`: committed changes as JSON lines on stdout, no broker.
 //!
-//! The same pipeline and supervision as `run` ([`crate::supervisor`]) with the
+//! The same session and supervision as `run` ([`crate::supervisor`]) with the
 //! stdout sink: a line is written and flushed before the slot is told it may
 //! move past it, so killing `tail` at any point loses nothing (the
 //! unacknowledged tail is printed again on restart, with the same

@@ -2,10 +2,10 @@
 //! ([`stream`]) or standard output ([`stdout`]).
 //!
 //! A sink only *delivers*; it never decides what is safe to acknowledge to
-//! Postgres. Each publish hands back a [`Confirm`], and the pipeline feeds
+//! Postgres. Each publish hands back a [`Confirm`], and the publisher feeds
 //! positive outcomes to the checkpoint (`checkpoint.rs`). Anything else (a
 //! nack, a returned message, a timeout, a closed channel) is an error that stops
-//! the pipeline before the slot can move past the event.
+//! the session before the slot can move past the event.
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -6,13 +6,13 @@
 //! not returned: messages are published `mandatory`, so a routing key no queue
 //! is bound for comes back (`basic.return`) instead of vanishing. Nacks,
 //! returns (unless [`UnroutablePolicy::Drop`]), confirm timeouts and a closed
-//! channel or connection are all errors, and the pipeline replays from the
+//! channel or connection are all errors, and the session replays from the
 //! slot after reconnecting.
 //!
 //! Every network await is bounded by a timeout, because lapin futures can hang
 //! when the broker goes away (lapin #409, #437, #470). A connection the broker
 //! blocks (memory or disk alarm, `connection.blocked`) drops nothing: lapin
-//! stops writing, publishes queue up in memory (bounded by the pipeline's
+//! stops writing, publishes queue up in memory (bounded by the publisher's
 //! confirm window) and their confirms wait, up to the confirm timeout.
 //!
 //! Needs a tokio runtime (lapin's default runtime and our timers).

@@ -1,6 +1,6 @@
 //! The broker-less sink behind `odoo-cdc tail`: one JSON event per line.
 //!
-//! Lines are buffered and made durable by [`Sink::flush`], which the pipeline
+//! Lines are buffered and made durable by [`Sink::flush`], which the publisher
 //! calls at each transaction end before it lets the checkpoint advance, so the
 //! slot never moves past a line that is still in a buffer.
 //!

@@ -170,7 +170,7 @@ impl QueueSpec {
 /// publish, no queue bound for its routing key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UnroutablePolicy {
-    /// A returned message is a delivery failure: the pipeline stops before the
+    /// A returned message is a delivery failure: the session stops before the
     /// slot moves past the event. Safe default, since a missing binding would
     /// otherwise lose events silently.
     #[default]

@@ -14,7 +14,7 @@
 //!    snapshot (`pg_current_snapshot()`);
 //! 3. hands the rows to the reader, then commits a **high watermark**.
 //!
-//! The reader ([`Incremental`], driven by the pipeline's stream loop) sees the
+//! The reader ([`Incremental`], driven by the session's WAL reader) sees the
 //! watermarks in WAL order. Between low and high it records the keys of every
 //! streamed change of the table; at the high watermark it drops those keys from
 //! the chunk (the stream already carries a newer version) and publishes the rest
