@@ -200,13 +200,7 @@ where
         .start_logical_replication(&cfg.slot, start, &opts)
         .await?
         .split();
-    metrics.session_started();
-    metrics.streaming.store(1, Ordering::Relaxed);
-    metrics.set_confirmed_lsn(start);
-    if metrics.set_circuit(CircuitState::Streaming) {
-        tracing::info!(circuit = CircuitState::Streaming.label(), slot = %cfg.slot, "supervisor state");
-    }
-    let _streaming = StreamingFlag(&metrics);
+    let _streaming = StreamingFlag::set(&metrics, &cfg.slot, start);
 
     let requests = Arc::new(Requests::default());
     let mut status_task = status::spawn(
@@ -406,8 +400,21 @@ impl PublisherTask {
     }
 }
 
-/// Clears the streaming gauge however the session ends.
+/// The streaming gauge and circuit state, set while the session streams and
+/// cleared however it ends.
 struct StreamingFlag<'a>(&'a Metrics);
+
+impl<'a> StreamingFlag<'a> {
+    fn set(metrics: &'a Metrics, slot: &str, start: Lsn) -> Self {
+        metrics.session_started();
+        metrics.streaming.store(1, Ordering::Relaxed);
+        metrics.set_confirmed_lsn(start);
+        if metrics.set_circuit(CircuitState::Streaming) {
+            tracing::info!(circuit = CircuitState::Streaming.label(), slot = %slot, "supervisor state");
+        }
+        StreamingFlag(metrics)
+    }
+}
 
 impl Drop for StreamingFlag<'_> {
     fn drop(&mut self) {
