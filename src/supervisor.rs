@@ -250,6 +250,13 @@ where
                     });
                 }
                 Err(e) if e.is_retryable() => {
+                    if e.needs_streaming_off() && session.streaming {
+                        // Off for the rest of this process: PostgreSQL then
+                        // decodes each transaction whole and drops what its
+                        // rolled-back savepoints wrote, messages included.
+                        session.streaming = false;
+                        tracing::warn!(error = %e, "streaming of large transactions turned off until restart: an application writes transactional logical messages inside savepoints it rolls back");
+                    }
                     if started.elapsed() >= HEALTHY_SESSION {
                         backoff.reset();
                     }

@@ -16,7 +16,7 @@
 //! its buffer record by record, so a million-row transaction is never
 //! materialised.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -90,6 +90,10 @@ pub enum AssembleError {
     Protocol { lsn: Lsn, what: String },
     #[error(transparent)]
     Spill(#[from] SpillError),
+    #[error(
+        "at LSN {lsn}: savepoint {subxid} of streamed transaction {xid} was rolled back, and the transaction carries logical messages that pgoutput does not tie to their savepoint; decoding again without streaming"
+    )]
+    StreamedMessageAmbiguous { lsn: Lsn, xid: u32, subxid: u32 },
 }
 
 struct OpenTxn {
@@ -117,6 +121,8 @@ pub struct Assembler {
     in_stream: Option<u32>,
     open: Option<OpenTxn>,
     streams: HashMap<u32, StreamBuffer>,
+    /// Streamed transactions holding a transactional logical message.
+    streams_with_messages: HashSet<u32>,
     replay: Option<ActiveReplay>,
     ready: VecDeque<Output>,
     mem_budget: usize,
@@ -134,6 +140,7 @@ impl Assembler {
             in_stream: None,
             open: None,
             streams: HashMap::new(),
+            streams_with_messages: HashSet::new(),
             replay: None,
             ready: VecDeque::new(),
             mem_budget,
@@ -354,6 +361,7 @@ impl Assembler {
             } => {
                 // A transaction may be streamed with zero buffered changes (all of
                 // them filtered by the publication): it still commits.
+                self.streams_with_messages.remove(&xid);
                 let buffer = self
                     .streams
                     .remove(&xid)
@@ -375,6 +383,16 @@ impl Assembler {
             Message::StreamAbort { xid, subxid, .. } => {
                 if xid == subxid {
                     self.streams.remove(&xid);
+                    self.streams_with_messages.remove(&xid);
+                } else if self.streams_with_messages.contains(&xid) {
+                    // pgoutput labels a streamed transactional message with
+                    // the top-level xid, not the savepoint it was written in:
+                    // whether this rollback took one of them back cannot be
+                    // told. Decoding the transaction whole (without streaming)
+                    // can, and the slot still holds it.
+                    self.streams_with_messages.remove(&xid);
+                    self.streams.remove(&xid);
+                    return Err(AssembleError::StreamedMessageAmbiguous { lsn, xid, subxid });
                 } else if let Some(buf) = self.streams.get_mut(&xid) {
                     buf.abort_subxact(subxid);
                 }
@@ -424,6 +442,9 @@ impl Assembler {
                     return Err(proto(
                         "a non-transactional message inside a stream block".into(),
                     ));
+                }
+                if let Message::LogicalMessage { .. } = msg {
+                    self.streams_with_messages.insert(top_xid);
                 }
                 let tables = self.tables_of(&msg, lsn)?;
                 let subxid = xid.unwrap_or(top_xid);

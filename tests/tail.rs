@@ -373,6 +373,72 @@ async fn streamed_200k_row_transaction_with_bounded_memory() {
     db.cleanup().await;
 }
 
+/// pgoutput labels a transactional logical message of a *streamed*
+/// transaction with the top-level xid, not its savepoint: a message written in
+/// a savepoint that is rolled back used to be delivered, and to shift the
+/// `seq` of every later event. The connector now sees the ambiguity (a
+/// savepoint rollback in a streamed transaction that carries messages), drops
+/// what it buffered, and decodes again without streaming, where PostgreSQL
+/// itself drops what the savepoint wrote. Oracle: what the transaction kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_a_rolled_back_savepoint_of_a_streamed_transaction_is_not_delivered() {
+    let db = TestDb::create("tail_sp_msg").await;
+    db.exec(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, note text);
+         CREATE PUBLICATION {0} FOR ALL TABLES;
+         ALTER DATABASE {0} SET logical_decoding_work_mem = '64kB';",
+        db.name
+    ))
+    .await;
+    let mut tail = start_tail(&db, &[]).await;
+    // Each insert of 1,000 rows of ~200 bytes is over 64kB: the walsender
+    // streams the transaction, the message of the savepoint included, before
+    // the rollback.
+    db.exec(
+        "BEGIN;
+         INSERT INTO t SELECT g, repeat('a', 200) FROM generate_series(1, 1000) g;
+         SAVEPOINT s;
+         SELECT pg_logical_emit_message(true, 'app.note', 'rolled back');
+         INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(100001, 101000) g;
+         ROLLBACK TO SAVEPOINT s;
+         SELECT pg_logical_emit_message(true, 'app.note', 'kept');
+         INSERT INTO t SELECT g, repeat('b', 200) FROM generate_series(1001, 2000) g;
+         COMMIT;
+         INSERT INTO t VALUES (0, 'last');",
+    )
+    .await;
+    assert!(
+        tail.collect_until(Duration::from_secs(120), |l| l
+            .last()
+            .is_some_and(|x| x.contains("\"note\":\"last\""))),
+        "got {} lines, last {:?}",
+        tail.seen.len(),
+        tail.seen.last()
+    );
+    let ev = tail.events();
+    let messages: Vec<&Value> = ev.iter().filter(|e| e["op"] == "m").collect();
+    let contents: Vec<String> = messages
+        .iter()
+        .map(|m| m["message"]["content"].to_string())
+        .collect();
+    assert_eq!(messages.len(), 1, "only the kept message: {contents:?}");
+    let rows: Vec<&Value> = ev
+        .iter()
+        .filter(|e| e["op"] == "c" && e["after"]["id"] != 0)
+        .collect();
+    assert_eq!(rows.len(), 2000, "every kept row once, no rolled-back row");
+    assert!(
+        rows.iter()
+            .all(|e| e["after"]["id"].as_i64().unwrap() <= 2000)
+    );
+    // The seq of a non-streamed decode: rolled-back changes take none.
+    assert_eq!(messages[0]["source"]["seq"], json!(1000));
+    let last = rows.iter().find(|e| e["after"]["id"] == 2000).unwrap();
+    assert_eq!(last["source"]["seq"], json!(2000));
+    drop(tail);
+    db.cleanup().await;
+}
+
 /// Kill -9 mid-stream, restart: every change arrives; duplicates carry the same id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_and_restart_loses_nothing() {

@@ -64,6 +64,8 @@ impl SessionError {
             SessionError::Assemble(AssembleError::Spill(crate::spill::SpillError::Io {
                 ..
             })) => true,
+            // Decoded again, whole, by a session without streaming.
+            SessionError::Assemble(AssembleError::StreamedMessageAmbiguous { .. }) => true,
             // A value that cannot be encoded will fail again on replay.
             SessionError::Encode(_) | SessionError::Assemble(_) => false,
             // The same event would be refused again.
@@ -117,6 +119,15 @@ impl SessionError {
             SessionError::Config(_) => CONFIG,
             _ => RUNTIME,
         }
+    }
+
+    /// Whether the next sessions must decode without streaming (see
+    /// [`AssembleError::StreamedMessageAmbiguous`]).
+    pub fn needs_streaming_off(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Assemble(AssembleError::StreamedMessageAmbiguous { .. })
+        )
     }
 
     /// The label under which a retried failure is counted.
