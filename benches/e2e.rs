@@ -111,6 +111,10 @@ struct Args {
     /// odoo-cdc binary (default: the one cargo built for this bench).
     #[arg(long, default_value = env!("CARGO_BIN_EXE_odoo-cdc"))]
     connector: String,
+    /// Repetitions of each throughput measurement (alternating order); the
+    /// report gives their median and spread.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
     /// Keep the benchmark database afterwards.
     #[arg(long)]
     keep: bool,
@@ -140,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
         args.latency_seconds = args.latency_seconds.min(2);
         args.latency_rate = args.latency_rate.min(100);
         args.queues.truncate(1);
+        args.reps = 1;
     }
     if args.txn_rows == 0 || args.rows < args.txn_rows * 10 {
         bail!("--rows must be at least ten transactions of --txn-rows rows");
@@ -280,93 +285,57 @@ impl Bench {
             "loaded {} changes in {:.1} s",
             loaded.changes, loaded.seconds
         );
-        let mut rows = Vec::new();
-
-        let ceiling1 = self.walsender_ceiling(&loaded, "1").await?;
-        let tail = self.tail(&loaded).await?;
-        let event_size = tail.out_bytes as f64 / loaded.changes as f64 - 1.0;
-        rows.push(ceiling1.clone());
-
-        let mut runs = Vec::new();
+        // The event size (for the broker ceilings' message sizes) comes from
+        // a first `tail`, which also warms the caches every later run reads.
+        let warm = self.tail(&loaded).await?;
+        let event_size = warm.out_bytes as f64 / loaded.changes as f64 - 1.0;
+        let mut plan = vec![
+            Measure::Walsender { proto: 2 },
+            Measure::Walsender { proto: 1 },
+            Measure::Tail,
+        ];
         for gran in &a.granularities {
+            let (messages, size) = match gran.as_str() {
+                "row" => (loaded.changes, event_size),
+                "transaction" => (
+                    loaded.txn_messages,
+                    // Events, commas and the envelope (~130 bytes).
+                    (loaded.changes as f64 * (event_size + 1.0)
+                        + loaded.txn_messages as f64 * 130.0)
+                        / loaded.txn_messages as f64,
+                ),
+                other => bail!("unknown granularity {other:?} (row or transaction)"),
+            };
             for qt in &a.queues {
-                let (messages, size) = match gran.as_str() {
-                    "row" => (loaded.changes, event_size),
-                    "transaction" => (
-                        loaded.txn_messages,
-                        // Events, commas and the envelope (~130 bytes).
-                        (loaded.changes as f64 * (event_size + 1.0)
-                            + loaded.txn_messages as f64 * 130.0)
-                            / loaded.txn_messages as f64,
-                    ),
-                    other => bail!("unknown granularity {other:?} (row or transaction)"),
-                };
-                let usage = self.run_connector(&loaded, gran, qt, messages).await?;
-                let (ceiling_secs, ceiling_msgs) = self
-                    .broker_ceiling(qt, messages, size.round() as usize)
-                    .await?;
-                runs.push((
-                    gran.clone(),
-                    qt.clone(),
+                let (gran, qt) = (gran.clone(), qt.clone());
+                plan.push(Measure::Run {
+                    gran: gran.clone(),
+                    qt: qt.clone(),
+                    messages,
+                });
+                plan.push(Measure::Broker {
+                    gran,
+                    qt,
                     messages,
                     size,
-                    usage,
-                    ceiling_secs,
-                    ceiling_msgs,
-                ));
+                });
             }
         }
-        let ceiling2 = self.walsender_ceiling(&loaded, "2").await?;
-        rows.push(ceiling2.clone());
-        let walsender = ceiling1["changes_per_s"]
-            .as_f64()
-            .unwrap_or(0.0)
-            .max(ceiling2["changes_per_s"].as_f64().unwrap_or(0.0));
-
-        let tail_rate = loaded.changes as f64 / tail.seconds;
-        rows.push(json!({
-            "what": "odoo-cdc tail > pipe",
-            "changes": loaded.changes, "messages": loaded.changes,
-            "seconds": r3(tail.seconds),
-            "changes_per_s": tail_rate.round(),
-            "mb_per_s": r3(tail.out_bytes as f64 / tail.seconds / 1e6),
-            "ceiling": "walsender", "ceiling_changes_per_s": walsender.round(),
-            "ratio": r3(tail_rate / walsender),
-            "target_ratio": 0.95,
-            "cpu_s_per_million": r3(tail.cpu_seconds / loaded.changes as f64 * 1e6),
-            "peak_rss_mib": r1(tail.peak_rss_kib as f64 / 1024.0),
-        }));
-        for (gran, qt, messages, size, usage, ceiling_secs, ceiling_msgs) in runs {
-            let rate = loaded.changes as f64 / usage.seconds;
-            let per_msg = loaded.changes as f64 / messages as f64;
-            let broker = ceiling_msgs as f64 / ceiling_secs * per_msg;
-            let (ceiling, bound) = if broker < walsender {
-                ("broker", broker)
+        // Repetitions alternate the order (forward, backward, ...), so that
+        // no measurement always runs first or last on a machine whose load
+        // drifts; each figure is the median of its repetitions.
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); plan.len()];
+        for rep in 0..a.reps.max(1) {
+            let order: Vec<usize> = if rep % 2 == 0 {
+                (0..plan.len()).collect()
             } else {
-                ("walsender", walsender)
+                (0..plan.len()).rev().collect()
             };
-            rows.push(json!({
-                "what": format!("broker ceiling {qt} ({gran} messages)"),
-                "changes": (ceiling_msgs as f64 * per_msg).round(), "messages": ceiling_msgs,
-                "seconds": r3(ceiling_secs),
-                "changes_per_s": broker.round(),
-                "mb_per_s": r3(ceiling_msgs as f64 * size / ceiling_secs / 1e6),
-                "message_bytes": size.round(),
-            }));
-            rows.push(json!({
-                "what": format!("odoo-cdc run {gran} {qt}"),
-                "changes": loaded.changes, "messages": messages,
-                "seconds": r3(usage.seconds),
-                "changes_per_s": rate.round(),
-                "mb_per_s": r3(messages as f64 * size / usage.seconds / 1e6),
-                "message_bytes": size.round(),
-                "ceiling": ceiling, "ceiling_changes_per_s": bound.round(),
-                "ratio": r3(rate / bound),
-                "target_ratio": 0.9,
-                "cpu_s_per_million": r3(usage.cpu_seconds / loaded.changes as f64 * 1e6),
-                "cpu_target": if gran == "row" { 10.0 } else { 2.0 },
-                "peak_rss_mib": r1(usage.peak_rss_kib as f64 / 1024.0),
-            }));
+            for i in order {
+                eprintln!("repetition {} of {}: {}", rep + 1, a.reps, plan[i].name());
+                let s = self.measure(&plan[i], &loaded).await?;
+                samples[i].push(s);
+            }
         }
         self.drop_slot(ORIGIN).await?;
         Ok(json!({
@@ -376,9 +345,46 @@ impl Bench {
                 "transaction_messages": loaded.txn_messages,
                 "event_json_bytes": event_size.round(),
                 "load_seconds": r3(loaded.seconds),
+                "repetitions": a.reps,
             },
-            "rows": rows,
+            "rows": throughput_rows(&plan, &samples, &loaded),
         }))
+    }
+
+    /// One measurement of `m`, with the machine's load around it.
+    async fn measure(&self, m: &Measure, loaded: &Loaded) -> anyhow::Result<Sample> {
+        let load_before = load1();
+        let (usage, changes, messages) = match m {
+            Measure::Walsender { proto } => {
+                let u = self.walsender_ceiling(loaded, *proto).await?;
+                (u, loaded.changes as f64, loaded.changes)
+            }
+            Measure::Tail => (self.tail(loaded).await?, loaded.changes as f64, loaded.changes),
+            Measure::Run { gran, qt, messages } => {
+                let u = self.run_connector(loaded, gran, qt, *messages).await?;
+                (u, loaded.changes as f64, *messages)
+            }
+            Measure::Broker {
+                qt, messages, size, ..
+            } => {
+                let (secs, sent) = self
+                    .broker_ceiling(qt, *messages, size.round() as usize)
+                    .await?;
+                let per_msg = loaded.changes as f64 / *messages as f64;
+                let usage = Usage {
+                    seconds: secs,
+                    ..Usage::default()
+                };
+                (usage, sent as f64 * per_msg, sent)
+            }
+        };
+        Ok(Sample {
+            changes_per_s: changes / usage.seconds,
+            messages,
+            usage,
+            cpu_s_per_million: usage.cpu_seconds / changes * 1e6,
+            load1: (load_before + load1()) / 2.0,
+        })
     }
 
     /// Loads the workload: `small` transactions of `txn_rows` rows (four in
@@ -509,23 +515,28 @@ impl Bench {
         parse_lsn(row.get(0))
     }
 
-    /// `pg_recvlogical` with the connector's pgoutput options, draining a copy
-    /// of the origin slot into a pipe the harness discards, up to the end LSN.
-    async fn walsender_ceiling(&self, loaded: &Loaded, n: &str) -> anyhow::Result<Value> {
-        let slot = format!("bench_recvlogical_{n}");
+    /// `pg_recvlogical` draining a copy of the origin slot into a pipe the
+    /// harness discards, up to the end LSN: with the connector's pgoutput
+    /// options (`proto`=2: streaming, messages) or the plainest ones
+    /// (`proto`=1: no streaming, no messages), to show what the options cost.
+    async fn walsender_ceiling(&self, loaded: &Loaded, proto: u8) -> anyhow::Result<Usage> {
+        let slot = format!("bench_recvlogical_{proto}");
         self.copy_origin(&slot).await?;
-        eprintln!("measuring the walsender ceiling (pg_recvlogical)...");
         let mut cmd = Command::new(&self.args.pg_recvlogical);
-        cmd.args(["-d", &self.db_url, "--slot", &slot, "--start", "--no-loop"])
-            .args([
+        cmd.args(["-d", &self.db_url, "--slot", &slot, "--start", "--no-loop"]);
+        if proto == 2 {
+            cmd.args([
                 "-o",
                 "proto_version=2",
                 "-o",
                 "streaming=on",
                 "-o",
                 "messages=true",
-            ])
-            .args(["-o", &format!("publication_names={PUBLICATION}")])
+            ]);
+        } else {
+            cmd.args(["-o", "proto_version=1"]);
+        }
+        cmd.args(["-o", &format!("publication_names={PUBLICATION}")])
             .args(["--endpos", &format_lsn(loaded.end_lsn), "-f", "-"]);
         let mut p = Measured::spawn(cmd, true)?;
         let usage = loop {
@@ -539,16 +550,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         self.drop_slot(&slot).await?;
-        let rate = loaded.changes as f64 / usage.seconds;
-        Ok(json!({
-            "what": format!("walsender ceiling: pg_recvlogical #{n}"),
-            "changes": loaded.changes,
-            "seconds": r3(usage.seconds),
-            "changes_per_s": rate.round(),
-            "mb_per_s": r3(usage.out_bytes as f64 / usage.seconds / 1e6),
-            // Sampled every 10 ms while it ran, so slightly low.
-            "cpu_s_per_million": r3(usage.cpu_seconds / loaded.changes as f64 * 1e6),
-        }))
+        Ok(usage)
     }
 
     /// `odoo-cdc tail` into a pipe the harness discards; done when every
@@ -556,7 +558,6 @@ impl Bench {
     async fn tail(&self, loaded: &Loaded) -> anyhow::Result<Usage> {
         let slot = "bench_tail";
         self.copy_origin(slot).await?;
-        eprintln!("measuring odoo-cdc tail...");
         let mut cmd = Command::new(&self.args.connector);
         cmd.args(["tail", "--source", &self.db_url, "--slot", slot])
             .args(["--publication", PUBLICATION])
@@ -597,7 +598,6 @@ impl Bench {
         let channel = self.channel().await?;
         broker::declare_exchange(&channel, &exchange).await?;
         broker::declare_queue(&channel, &exchange, &queue, qt, FieldTable::default()).await?;
-        eprintln!("measuring odoo-cdc run, {gran} granularity, {qt} queue...");
         let mut cmd = self.run_command(&slot, &exchange, gran);
         cmd.args([
             "--queue",
@@ -655,9 +655,6 @@ impl Bench {
         let channel = self.channel().await?;
         broker::declare_exchange(&channel, &exchange).await?;
         broker::declare_queue(&channel, &exchange, &exchange, qt, FieldTable::default()).await?;
-        eprintln!(
-            "measuring the broker ceiling: {messages} messages of {size} bytes, {qt} queue..."
-        );
         let secs = broker::publish(
             &channel,
             &exchange,
@@ -1061,6 +1058,152 @@ impl Drop for Measured {
     }
 }
 
+/// One configuration of the throughput phase.
+#[derive(Debug, Clone)]
+enum Measure {
+    /// pg_recvlogical: the walsender's ceiling with protocol `proto`'s options.
+    Walsender { proto: u8 },
+    Tail,
+    Run {
+        gran: String,
+        qt: String,
+        messages: u64,
+    },
+    /// A plain lapin publisher with `run`'s message count, size and window.
+    Broker {
+        gran: String,
+        qt: String,
+        messages: u64,
+        size: f64,
+    },
+}
+
+impl Measure {
+    fn name(&self) -> String {
+        match self {
+            Measure::Walsender { proto: 2 } => {
+                "walsender ceiling: pg_recvlogical proto 2, streaming, messages".into()
+            }
+            Measure::Walsender { proto } => {
+                format!("walsender ceiling: pg_recvlogical proto {proto}, no streaming")
+            }
+            Measure::Tail => "odoo-cdc tail > pipe".into(),
+            Measure::Run { gran, qt, .. } => format!("odoo-cdc run {gran} {qt}"),
+            Measure::Broker { gran, qt, .. } => format!("broker ceiling {qt} ({gran} messages)"),
+        }
+    }
+}
+
+/// One repetition of one measurement.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    changes_per_s: f64,
+    messages: u64,
+    usage: Usage,
+    cpu_s_per_million: f64,
+    /// The 1-minute load average around the measurement (mean of before and after).
+    load1: f64,
+}
+
+/// The machine's 1-minute load average.
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Median, min and max of the figures.
+fn stats(mut xs: Vec<f64>) -> (f64, f64, f64) {
+    xs.sort_by(f64::total_cmp);
+    if xs.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let n = xs.len();
+    let median = if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    };
+    (median, xs[0], xs[n - 1])
+}
+
+/// The report's rows: per measurement, the median of its repetitions, their
+/// spread ((max - min) / median), the load around them, and for `run` the
+/// ratio to its ceiling, min(tail, broker) measured in the same harness run.
+fn throughput_rows(plan: &[Measure], samples: &[Vec<Sample>], loaded: &Loaded) -> Vec<Value> {
+    let median_of = |i: usize, f: fn(&Sample) -> f64| stats(samples[i].iter().map(f).collect());
+    let find = |want: &dyn Fn(&Measure) -> bool| plan.iter().position(want);
+    let rate = |i: usize| median_of(i, |s| s.changes_per_s).0;
+    let tail = find(&|m| matches!(m, Measure::Tail));
+    let tail_rate = tail.map(rate).unwrap_or(0.0);
+    let tail_cpu = tail.map(|i| median_of(i, |s| s.cpu_s_per_million).0);
+    let walsender = find(&|m| matches!(m, Measure::Walsender { proto: 2 }))
+        .map(rate)
+        .unwrap_or(0.0);
+    let mut rows = Vec::new();
+    for (i, m) in plan.iter().enumerate() {
+        let (median, min, max) = median_of(i, |s| s.changes_per_s);
+        let (cpu, cpu_min, cpu_max) = median_of(i, |s| s.cpu_s_per_million);
+        let (secs, _, _) = median_of(i, |s| s.usage.seconds);
+        let (load, _, load_max) = median_of(i, |s| s.load1);
+        let mut row = json!({
+            "what": m.name(),
+            "repetitions": samples[i].len(),
+            "changes_per_s": median.round(),
+            "changes_per_s_min": min.round(),
+            "changes_per_s_max": max.round(),
+            "spread_pct": r1(if median > 0.0 { (max - min) / median * 100.0 } else { 0.0 }),
+            "seconds": r3(secs),
+            "messages": samples[i].first().map_or(0, |s| s.messages),
+            "load1": r1(load),
+            "load1_max": r1(load_max),
+            "all_changes_per_s": samples[i].iter().map(|s| s.changes_per_s.round()).collect::<Vec<_>>(),
+        });
+        if !matches!(m, Measure::Broker { .. }) {
+            row["cpu_s_per_million"] = json!(r3(cpu));
+            row["cpu_spread_pct"] =
+                json!(r1(if cpu > 0.0 { (cpu_max - cpu_min) / cpu * 100.0 } else { 0.0 }));
+            let rss = samples[i].iter().map(|s| s.usage.peak_rss_kib).max().unwrap_or(0);
+            row["peak_rss_mib"] = json!(r1(rss as f64 / 1024.0));
+        }
+        match m {
+            Measure::Tail => {
+                row["ceiling"] = json!("walsender (proto 2)");
+                row["ceiling_changes_per_s"] = json!(walsender.round());
+                row["ratio"] = json!(r3(median / walsender));
+            }
+            Measure::Run { gran, qt, .. } => {
+                let broker = find(&|x| {
+                    matches!(x, Measure::Broker { gran: g, qt: q, .. } if g == gran && q == qt)
+                })
+                .map(rate)
+                .unwrap_or(f64::INFINITY);
+                let (ceiling, bound) = if broker < tail_rate {
+                    ("broker", broker)
+                } else {
+                    ("tail", tail_rate)
+                };
+                row["ceiling"] = json!(ceiling);
+                row["ceiling_changes_per_s"] = json!(bound.round());
+                row["ratio"] = json!(r3(median / bound));
+                row["target_ratio"] = json!(0.9);
+                if let Some(t) = tail_cpu {
+                    row["cpu_vs_tail"] = json!(r3(cpu / t));
+                    if gran == "row" {
+                        row["cpu_vs_tail_target"] = json!(2.0);
+                    }
+                }
+                let messages = samples[i].first().map_or(0, |s| s.messages) as f64;
+                row["messages_per_s"] = json!((median / loaded.changes as f64 * messages).round());
+            }
+            _ => {}
+        }
+        rows.push(row);
+    }
+    rows
+}
+
 /// utime + stime of a process, seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -1268,29 +1411,34 @@ fn print_report(report: &Value) {
             w["transaction_messages"]
         );
         println!(
-            "{:<44} {:>9} {:>8} {:>10} {:>8} {:>10} {:>6} {:>8} {:>8}",
+            "(medians of {} repetitions in alternating order; spread = (max - min) / median; \
+             load = 1-minute load average around the measurement)",
+            w["repetitions"]
+        );
+        println!(
+            "{:<58} {:>10} {:>7} {:>10} {:>6} {:>8} {:>6} {:>7} {:>5}",
             "what",
-            "messages",
-            "seconds",
             "changes/s",
-            "MB/s",
+            "spread",
             "ceiling/s",
             "ratio",
             "CPU s/M",
-            "RSS MiB"
+            "×tail",
+            "RSS MiB",
+            "load"
         );
         for r in t["rows"].as_array().into_iter().flatten() {
             println!(
-                "{:<44} {:>9} {:>8} {:>10} {:>8} {:>10} {:>6} {:>8} {:>8}",
+                "{:<58} {:>10} {:>6}% {:>10} {:>6} {:>8} {:>6} {:>7} {:>5}",
                 num(r, "what"),
-                num(r, "messages"),
-                num(r, "seconds"),
                 num(r, "changes_per_s"),
-                num(r, "mb_per_s"),
+                num(r, "spread_pct"),
                 num(r, "ceiling_changes_per_s"),
                 num(r, "ratio"),
                 num(r, "cpu_s_per_million"),
+                num(r, "cpu_vs_tail"),
                 num(r, "peak_rss_mib"),
+                num(r, "load1"),
             );
         }
     }
