@@ -354,12 +354,17 @@ impl Bench {
     /// One measurement of `m`, with the machine's load around it.
     async fn measure(&self, m: &Measure, loaded: &Loaded) -> anyhow::Result<Sample> {
         let load_before = load1();
+        let watch = CpuWatch::start();
         let (usage, changes, messages) = match m {
             Measure::Walsender { proto } => {
                 let u = self.walsender_ceiling(loaded, *proto).await?;
                 (u, loaded.changes as f64, loaded.changes)
             }
-            Measure::Tail => (self.tail(loaded).await?, loaded.changes as f64, loaded.changes),
+            Measure::Tail => (
+                self.tail(loaded).await?,
+                loaded.changes as f64,
+                loaded.changes,
+            ),
             Measure::Run { gran, qt, messages } => {
                 let u = self.run_connector(loaded, gran, qt, *messages).await?;
                 (u, loaded.changes as f64, *messages)
@@ -378,7 +383,11 @@ impl Bench {
                 (usage, sent as f64 * per_msg, sent)
             }
         };
+        let spent = watch.finish();
         Ok(Sample {
+            machine_busy: spent.machine_busy,
+            postgres_cpu_s_per_million: spent.postgres_s / changes * 1e6,
+            rabbitmq_cpu_s_per_million: spent.rabbitmq_s / changes * 1e6,
             changes_per_s: changes / usage.seconds,
             messages,
             usage,
@@ -1062,7 +1071,9 @@ impl Drop for Measured {
 #[derive(Debug, Clone)]
 enum Measure {
     /// pg_recvlogical: the walsender's ceiling with protocol `proto`'s options.
-    Walsender { proto: u8 },
+    Walsender {
+        proto: u8,
+    },
     Tail,
     Run {
         gran: String,
@@ -1103,6 +1114,12 @@ struct Sample {
     cpu_s_per_million: f64,
     /// The 1-minute load average around the measurement (mean of before and after).
     load1: f64,
+    /// Busy fraction of all CPUs during the measurement.
+    machine_busy: f64,
+    /// CPU of all PostgreSQL processes (the walsender, mostly) per million changes.
+    postgres_cpu_s_per_million: f64,
+    /// CPU of RabbitMQ (beam.smp) per million changes.
+    rabbitmq_cpu_s_per_million: f64,
 }
 
 /// The machine's 1-minute load average.
@@ -1159,12 +1176,22 @@ fn throughput_rows(plan: &[Measure], samples: &[Vec<Sample>], loaded: &Loaded) -
             "load1": r1(load),
             "load1_max": r1(load_max),
             "all_changes_per_s": samples[i].iter().map(|s| s.changes_per_s.round()).collect::<Vec<_>>(),
+            "machine_busy_pct": r1(median_of(i, |s| s.machine_busy).0 * 100.0),
+            "postgres_cpu_s_per_million": r3(median_of(i, |s| s.postgres_cpu_s_per_million).0),
+            "rabbitmq_cpu_s_per_million": r3(median_of(i, |s| s.rabbitmq_cpu_s_per_million).0),
         });
         if !matches!(m, Measure::Broker { .. }) {
             row["cpu_s_per_million"] = json!(r3(cpu));
-            row["cpu_spread_pct"] =
-                json!(r1(if cpu > 0.0 { (cpu_max - cpu_min) / cpu * 100.0 } else { 0.0 }));
-            let rss = samples[i].iter().map(|s| s.usage.peak_rss_kib).max().unwrap_or(0);
+            row["cpu_spread_pct"] = json!(r1(if cpu > 0.0 {
+                (cpu_max - cpu_min) / cpu * 100.0
+            } else {
+                0.0
+            }));
+            let rss = samples[i]
+                .iter()
+                .map(|s| s.usage.peak_rss_kib)
+                .max()
+                .unwrap_or(0);
             row["peak_rss_mib"] = json!(r1(rss as f64 / 1024.0));
         }
         match m {
@@ -1202,6 +1229,127 @@ fn throughput_rows(plan: &[Measure], samples: &[Vec<Sample>], loaded: &Loaded) -
         rows.push(row);
     }
     rows
+}
+
+/// Where the machine's CPU went during a measurement: the whole machine
+/// (/proc/stat) and the PostgreSQL and RabbitMQ processes (summed by command
+/// name, sampled every 50 ms so that a walsender that exits at the end is
+/// still counted). Tells a connector that waits from a machine that is full.
+struct CpuWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<CpuSpent>>,
+}
+
+/// CPU seconds spent during a watch.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSpent {
+    /// Busy fraction of all CPUs (0..1).
+    machine_busy: f64,
+    postgres_s: f64,
+    rabbitmq_s: f64,
+}
+
+impl CpuWatch {
+    fn start() -> CpuWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (busy0, total0) = machine_ticks();
+                // pid -> (command, ticks when first seen, ticks last seen)
+                let mut seen: std::collections::HashMap<u32, (String, f64, f64)> =
+                    std::collections::HashMap::new();
+                let mut first = true;
+                loop {
+                    for (pid, comm, ticks) in process_ticks() {
+                        let e = seen.entry(pid).or_insert((
+                            comm,
+                            if first { ticks } else { 0.0 },
+                            ticks,
+                        ));
+                        e.2 = ticks;
+                    }
+                    first = false;
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let (busy1, total1) = machine_ticks();
+                let hz = clock_ticks();
+                let sum = |name: &str| {
+                    seen.values()
+                        .filter(|(c, _, _)| c == name)
+                        .map(|(_, a, b)| (b - a).max(0.0))
+                        .sum::<f64>()
+                        / hz
+                };
+                CpuSpent {
+                    machine_busy: (busy1 - busy0) / (total1 - total0).max(1.0),
+                    postgres_s: sum("postgres"),
+                    rabbitmq_s: sum("beam.smp"),
+                }
+            })
+        };
+        CpuWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> CpuSpent {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// (busy, total) ticks of all CPUs from /proc/stat.
+fn machine_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = f.iter().take(8).sum();
+    // idle and iowait are fields 4 and 5.
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
+/// (pid, command, utime + stime ticks) of every process.
+fn process_ticks() -> Vec<(u32, String, f64)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks = f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        out.push((pid, comm, ticks));
+    }
+    out
 }
 
 /// utime + stime of a process, seconds.
@@ -1412,11 +1560,12 @@ fn print_report(report: &Value) {
         );
         println!(
             "(medians of {} repetitions in alternating order; spread = (max - min) / median; \
-             load = 1-minute load average around the measurement)",
+             load = 1-minute load average around the measurement; busy = all CPUs; \
+             PG, MQ = CPU of PostgreSQL and RabbitMQ per million changes)",
             w["repetitions"]
         );
         println!(
-            "{:<58} {:>10} {:>7} {:>10} {:>6} {:>8} {:>6} {:>7} {:>5}",
+            "{:<58} {:>10} {:>7} {:>10} {:>6} {:>8} {:>6} {:>7} {:>5} {:>5} {:>6} {:>6}",
             "what",
             "changes/s",
             "spread",
@@ -1425,11 +1574,14 @@ fn print_report(report: &Value) {
             "CPU s/M",
             "×tail",
             "RSS MiB",
-            "load"
+            "load",
+            "busy",
+            "PG s/M",
+            "MQ s/M"
         );
         for r in t["rows"].as_array().into_iter().flatten() {
             println!(
-                "{:<58} {:>10} {:>6}% {:>10} {:>6} {:>8} {:>6} {:>7} {:>5}",
+                "{:<58} {:>10} {:>6}% {:>10} {:>6} {:>8} {:>6} {:>7} {:>5} {:>4}% {:>6} {:>6}",
                 num(r, "what"),
                 num(r, "changes_per_s"),
                 num(r, "spread_pct"),
@@ -1439,6 +1591,9 @@ fn print_report(report: &Value) {
                 num(r, "cpu_vs_tail"),
                 num(r, "peak_rss_mib"),
                 num(r, "load1"),
+                num(r, "machine_busy_pct"),
+                num(r, "postgres_cpu_s_per_million"),
+                num(r, "rabbitmq_cpu_s_per_million"),
             );
         }
     }
