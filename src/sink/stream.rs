@@ -105,9 +105,17 @@ pub struct StreamStats {
     /// The producer's last publishing id the broker reported at the last
     /// connect (with partitions: the highest over them).
     pub stored_publishing_id: AtomicU64,
-    /// With partitions, by partition: (stream, last stored id at connect,
-    /// messages sent since start).
-    partitions: Mutex<Vec<(String, u64, u64)>>,
+    /// With partitions, by partition.
+    partitions: Mutex<Vec<PartitionStats>>,
+}
+
+#[derive(Debug, Default)]
+struct PartitionStats {
+    stream: String,
+    /// The producer's last stored id at the last connect.
+    stored: u64,
+    /// Messages sent since start.
+    sent: u64,
 }
 
 impl StreamStats {
@@ -120,8 +128,8 @@ impl StreamStats {
         if let Ok(mut p) = self.partitions.lock() {
             p.resize_with(streams.len(), Default::default);
             for ((entry, stream), &id) in p.iter_mut().zip(streams).zip(stored) {
-                entry.0.clone_from(stream);
-                entry.1 = id;
+                entry.stream.clone_from(stream);
+                entry.stored = id;
             }
         }
     }
@@ -130,7 +138,7 @@ impl StreamStats {
         if let Ok(mut p) = self.partitions.lock()
             && let Some(entry) = p.get_mut(partition)
         {
-            entry.2 += 1;
+            entry.sent += 1;
         }
     }
 
@@ -163,24 +171,25 @@ impl StreamStats {
         if partitions.is_empty() {
             return;
         }
-        let families: [(&str, &str, &str, fn(&(String, u64, u64)) -> u64); 2] = [
+        let families = [
             (
                 "odoo_cdc_stream_partition_stored_publishing_id",
                 "gauge",
                 "Per partition stream: its producer's last stored publishing id at connect.",
-                |p| p.1,
+                false,
             ),
             (
                 "odoo_cdc_stream_partition_sent_total",
                 "counter",
                 "Per partition stream: messages sent to it (replayed ones it had are not sent).",
-                |p| p.2,
+                true,
             ),
         ];
-        for (name, kind, help, value) in families {
+        for (name, kind, help, sent) in families {
             let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
             for p in partitions.iter() {
-                let _ = writeln!(out, "{name}{{stream=\"{}\"}} {}", p.0, value(p));
+                let value = if sent { p.sent } else { p.stored };
+                let _ = writeln!(out, "{name}{{stream=\"{}\"}} {value}", p.stream);
             }
         }
     }
@@ -201,7 +210,7 @@ pub struct StreamConfig {
     pub partitions: u16,
     /// Where to declare the super stream's exchange (AMQP 0-9-1); by default
     /// the stream URL's host, credentials and vhost on port 5672.
-    amqp: Option<AMQPUri>,
+    amqp: Option<Box<AMQPUri>>,
     /// Create the stream if missing (off with `--no-declare`: it must exist).
     pub declare: bool,
     pub confirm_timeout: Duration,
@@ -266,15 +275,16 @@ impl StreamConfig {
     /// Where the super stream's exchange is declared, instead of the stream
     /// URL's host on port 5672 (an `amqp://` or `amqps://` URL).
     pub fn with_amqp_url(mut self, url: &str) -> Result<Self, String> {
-        self.amqp = Some(url.parse::<AMQPUri>()?);
+        self.amqp = Some(Box::new(url.parse::<AMQPUri>()?));
         Ok(self)
     }
 
     /// The AMQP 0-9-1 endpoint for the super stream's exchange.
     pub fn amqp_uri(&self) -> AMQPUri {
-        self.amqp
-            .clone()
-            .unwrap_or_else(|| partition::amqp_uri_for(&self.endpoint))
+        match &self.amqp {
+            Some(uri) => (**uri).clone(),
+            None => partition::amqp_uri_for(&self.endpoint),
+        }
     }
 
     /// The streams written, in partition order: the stream itself, or its
@@ -772,6 +782,52 @@ mod tests {
             "# TYPE odoo_cdc_stream_replayed_already_stored_total counter\nodoo_cdc_stream_replayed_already_stored_total 3\n"
         ));
         assert!(out.contains("odoo_cdc_stream_stored_publishing_id 0\n"));
+        assert!(!out.contains("partition"), "{out}");
+
+        let streams = ["s-0".to_owned(), "s-1".to_owned()];
+        stats.connected(&streams, &[5, 7]);
+        stats.sent(1);
+        let mut out = String::new();
+        stats.render(&mut out);
+        assert!(
+            out.contains("odoo_cdc_stream_stored_publishing_id 7\n"),
+            "{out}"
+        );
+        assert!(out.contains("odoo_cdc_stream_partition_stored_publishing_id{stream=\"s-0\"} 5\n"));
+        assert!(out.contains("odoo_cdc_stream_partition_sent_total{stream=\"s-1\"} 1\n"));
+        assert!(out.contains("odoo_cdc_stream_partition_sent_total{stream=\"s-0\"} 0\n"));
+    }
+
+    #[test]
+    fn partitions_have_their_own_streams_and_producers() {
+        let cfg = StreamConfig::new("rabbitmq-stream://h", "odoo.cdc", "odoo-cdc-s")
+            .unwrap()
+            .with_partitions(3)
+            .unwrap();
+        assert_eq!(cfg.streams(), ["odoo.cdc-0", "odoo.cdc-1", "odoo.cdc-2"]);
+        assert_eq!(cfg.producers()[2], "odoo-cdc-s-2");
+        let one = cfg.partition(1);
+        assert_eq!((one.stream.as_str(), one.partitions), ("odoo.cdc-1", 0));
+        assert_eq!(one.streams(), ["odoo.cdc-1"]);
+        let uri = cfg.amqp_uri();
+        assert_eq!(
+            (uri.authority.host.as_str(), uri.authority.port),
+            ("h", 5672)
+        );
+        let uri = cfg
+            .with_amqp_url("amqp://u:p@other:5673/v")
+            .unwrap()
+            .amqp_uri();
+        assert_eq!(
+            (uri.authority.host.as_str(), uri.vhost.as_str()),
+            ("other", "v")
+        );
+        assert!(
+            StreamConfig::new("rabbitmq-stream://h", "s", "p")
+                .unwrap()
+                .with_partitions(129)
+                .is_err()
+        );
     }
 
     #[test]
