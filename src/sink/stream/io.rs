@@ -146,11 +146,12 @@ pub(super) async fn write_loop(
                     || b.size + 12 + data.len() > frame_max
                     || b.messages.len() >= GATHER
             });
-            if full && let Some(b) = open[stream].take() {
-                if let Err(e) = w.write_all(&b.frame()).await {
-                    fail(&state, format!("stream connection write failed: {e}"));
-                    return;
-                }
+            if full
+                && let Some(b) = open[stream].take()
+                && let Err(e) = w.write_all(&b.frame()).await
+            {
+                fail(&state, format!("stream connection write failed: {e}"));
+                return;
             }
             let b = open[stream].get_or_insert_with(|| Batch::new(publisher));
             b.size += 12 + data.len();
