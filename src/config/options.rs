@@ -67,7 +67,7 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     (
         "stream_partitions",
         Kind::Single,
-        "with --stream-url: spread row events over N partition streams <stream>-0..<stream>-<N-1> (a super stream) by a hash of table and key, 1 to 128; with --amqp (else the stream URL's host on 5672) the exchange <stream> is declared too; 0 = one plain stream [default: 0]",
+        "with --stream-url: spread row events over N partition streams STREAM-0 to STREAM-(N-1), a super stream, by a hash of table and key (1 to 128; see docs/streams.md); its exchange STREAM is declared over AMQP (--amqp, else the stream URL's host on port 5672); 0 = one plain stream [default: 0]",
     ),
     (
         "no_declare",

@@ -258,6 +258,12 @@ mod tests {
             counts.iter().all(|&n| (800..1200).contains(&n)),
             "{counts:?}"
         );
+        // The example in docs/streams.md.
+        assert_eq!(
+            murmur3_32(b"public.sale_order/43", HASH_SEED),
+            3_124_290_299
+        );
+        assert_eq!(partition_of("public.sale_order/43", 4), 3);
         assert_eq!(partition_of("anything", 1), 0);
         assert_eq!(partition_name("odoo.cdc", 3), "odoo.cdc-3");
     }
