@@ -63,6 +63,11 @@ struct Args {
     /// the broker's cost of those bytes from the sink's own overhead.
     #[arg(long)]
     event_properties: bool,
+    /// With the plain lapin publisher: publish over this many channels of one
+    /// connection at once, each with its own confirms and a share of the
+    /// messages and of the window (does a second channel raise the ceiling?).
+    #[arg(long, default_value_t = 1)]
+    channels: u32,
 }
 
 #[tokio::main]
@@ -85,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
         .context("opening a channel: timed out")??;
 
     let run = match args.publisher.as_str() {
-        "lapin" => plain_lapin(&args, &channel, &exchange, &queue).await,
+        "lapin" => plain_lapin(&args, &admin, &channel, &exchange, &queue).await,
         "sink" => through_sink(&args, &exchange, &queue).await,
         other => bail!("unknown --publisher {other:?} (expected lapin or sink)"),
     };
@@ -121,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
             "queue_type": args.queue_type.as_str(),
             "publisher": args.publisher,
             "event_properties": args.event_properties || args.publisher == "sink",
+            "channels": args.channels,
         })
     );
     Ok(())
@@ -131,9 +137,11 @@ fn round3(x: f64) -> f64 {
 }
 
 /// Publishes with lapin alone (the harness' publisher, `benches/e2e/broker.rs`)
-/// and returns the seconds from the first publish to the last confirm.
+/// and returns the seconds from the first publish to the last confirm; with
+/// `--channels N`, N channels publish their shares at the same time.
 async fn plain_lapin(
     args: &Args,
+    connection: &Connection,
     channel: &Channel,
     exchange: &str,
     queue: &str,
@@ -147,24 +155,35 @@ async fn plain_lapin(
         FieldTable::default(),
     )
     .await?;
-    let event_properties = args.event_properties;
-    broker::publish(
-        channel,
-        exchange,
-        u64::from(args.messages),
-        args.size,
-        args.window,
-        move |i| {
-            if event_properties {
-                broker::event_properties(i)
-            } else {
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_message_id(format!("{i:016X}-00000000").into())
-            }
-        },
-    )
-    .await
+    let channels = args.channels.max(1);
+    let mut publishers = Vec::new();
+    for c in 0..channels {
+        let ch = timeout(STEP, connection.create_channel())
+            .await
+            .context("opening a channel: timed out")??;
+        let share = u64::from(args.messages / channels) + u64::from(c < args.messages % channels);
+        let window = (args.window / channels as usize).max(1);
+        let (exchange, size, event_properties) =
+            (exchange.to_owned(), args.size, args.event_properties);
+        publishers.push(async move {
+            broker::publish(&ch, &exchange, share, size, window, move |i| {
+                let i = i * u64::from(channels) + u64::from(c);
+                if event_properties {
+                    broker::event_properties(i)
+                } else {
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_message_id(format!("{i:016X}-00000000").into())
+                }
+            })
+            .await
+        });
+    }
+    let start = Instant::now();
+    for r in futures::future::join_all(publishers).await {
+        r?;
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Publishes the same load through `RabbitSink`, events shaped like real
