@@ -10,11 +10,13 @@
 # Knobs: DEMO_SECONDS (workload duration, default 30), DEMO_RATE (orders/s, default 20,
 # 0 = as fast as possible), DEMO_DIR (logs, default target/demo), DEMO_PORT (the order
 # service's HTTP port, default 18080), DEMO_NAME (database, slot, exchange and queue
-# name prefix, default odoo_demo).
+# name prefix, default odoo_demo), DEMO_PROFILE (the cargo profile the programs are
+# built with, default demo-build; `release` for throughput figures worth quoting).
 #
 # What it does: starts the local services (scripts/services.sh up), recreates the
 # database odoo_demo (dropping a leftover slot of that name), builds the connector,
-# the workload and the order service in release mode, starts the order service (its
+# the workload and the order service (cargo profile demo-build, Cargo.toml: release
+# settings without optimisation, a third of a release build's time), starts the order service (its
 # own quorum queue bound to sale_order, sale_order_line and res_partner events, a
 # SQLite file, HTTP on DEMO_PORT), then
 #   odoo-cdc run ... --exchange odoo_demo --queue odoo_demo_orders --queue-type quorum
@@ -46,6 +48,7 @@ PORT="${DEMO_PORT:-18080}"
 DURATION="${DEMO_SECONDS:-30}"
 RATE="${DEMO_RATE:-20}"
 DIR="${DEMO_DIR:-target/demo}"
+PROFILE="${DEMO_PROFILE:-demo-build}"
 # Set when the caller chose the duration: then nobody is watching, clean up at the end.
 UNATTENDED="${DEMO_SECONDS+yes}"
 
@@ -57,6 +60,7 @@ case "$DB" in '' | *[!a-z0-9_]* | [0-9]*) die "DEMO_NAME must be a lower-case SQ
 case "$DURATION" in '' | *[!0-9]*) die "DEMO_SECONDS must be a whole number of seconds" ;; esac
 case "$RATE" in '' | *[!0-9]*) die "DEMO_RATE must be a whole number of orders per second" ;; esac
 case "$PORT" in '' | *[!0-9]*) die "DEMO_PORT must be a port number" ;; esac
+case "$PROFILE" in '' | *[!a-z0-9_-]*) die "DEMO_PROFILE must be a cargo profile name (demo-build, release, dev)" ;; esac
 [ "$DURATION" -gt 0 ] || die "DEMO_SECONDS must be at least 1"
 case "${1:-}" in
   '' | stop) ;;
@@ -159,12 +163,15 @@ psql_db -c "CREATE PUBLICATION $DB FOR ALL TABLES"
 remove_broker_objects
 rm -f "$DIR/orders.sqlite" "$DIR/orders.sqlite-wal" "$DIR/orders.sqlite-shm"
 
-say "building odoo-cdc, the workload and the order service (release)"
-cargo build --release --bin odoo-cdc --example odoo_workload --example order_consumer
+# Unoptimised by default: a cold release build of these three is most of a first
+# demo's time, and the demo's rate needs no optimiser (see [profile.demo-build]).
+say "building odoo-cdc, the workload and the order service (cargo profile $PROFILE)"
+cargo build --profile "$PROFILE" --bin odoo-cdc --example odoo_workload --example order_consumer
 TARGET="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
-CDC="$TARGET/release/odoo-cdc"
-WORKLOAD="$TARGET/release/examples/odoo_workload"
-CONSUMER="$TARGET/release/examples/order_consumer"
+case "$PROFILE" in dev | test) OUT="$TARGET/debug" ;; bench) OUT="$TARGET/release" ;; *) OUT="$TARGET/$PROFILE" ;; esac
+CDC="$OUT/odoo-cdc"
+WORKLOAD="$OUT/examples/odoo_workload"
+CONSUMER="$OUT/examples/order_consumer"
 
 CDC_PID=""
 CONSUMER_PID=""
