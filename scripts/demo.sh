@@ -166,12 +166,15 @@ rm -f "$DIR/orders.sqlite" "$DIR/orders.sqlite-wal" "$DIR/orders.sqlite-shm"
 # Unoptimised by default: a cold release build of these three is most of a first
 # demo's time, and the demo's rate needs no optimiser (see [profile.demo-build]).
 say "building odoo-cdc, the workload and the order service (cargo profile $PROFILE)"
-cargo build --profile "$PROFILE" --bin odoo-cdc --example odoo_workload --example order_consumer
+# The workload and the order service are the examples' files built as binaries of
+# the workspace member demo/, which does not compile odoo-cdc's dev-dependencies.
+cargo build --profile "$PROFILE" -p odoo-cdc --bin odoo-cdc \
+  -p odoo-cdc-demo --bin odoo_workload --bin order_consumer
 TARGET="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
 case "$PROFILE" in dev | test) OUT="$TARGET/debug" ;; bench) OUT="$TARGET/release" ;; *) OUT="$TARGET/$PROFILE" ;; esac
 CDC="$OUT/odoo-cdc"
-WORKLOAD="$OUT/examples/odoo_workload"
-CONSUMER="$OUT/examples/order_consumer"
+WORKLOAD="$OUT/odoo_workload"
+CONSUMER="$OUT/order_consumer"
 
 CDC_PID=""
 CONSUMER_PID=""

@@ -28,8 +28,11 @@ step() {
 }
 
 step "cargo fmt --check" cargo fmt --all -- --check
-step "cargo clippy" cargo clippy --all-targets -- -D warnings
-step "cargo build --examples" cargo build --examples
+# --workspace: also demo/, the demo's programs built without the dev-dependencies
+# (same files as examples/odoo_workload.rs and examples/order_consumer.rs, its own
+# dependency list). It has no tests of its own: tests/ compile those files in.
+step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+step "cargo build --examples" cargo build --workspace --bins --examples
 # No container engine in CI: tests/docker.rs checks the compose file and the
 # Dockerfile offline; tests/readme.rs checks the options reference. (They run
 # again below; this step only makes their failure show first.)

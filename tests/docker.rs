@@ -281,6 +281,20 @@ fn dockerfile_builds_the_tested_binary() {
             "Cargo.toml declares [[bench]] targets: copy benches/"
         );
     }
+    // Cargo loads every workspace member's manifest, whatever is built.
+    let members = manifest
+        .get("workspace")
+        .and_then(|w| w.get("members"))
+        .and_then(|m| m.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for member in &members {
+        let member = member.as_str().expect("workspace member path");
+        assert!(
+            copied.contains(member),
+            "Cargo.toml's workspace member {member}/ is not copied"
+        );
+    }
     let ignore = read("docker/Dockerfile.dockerignore");
     assert!(
         ignore.lines().any(|l| l.trim() == "target"),
