@@ -242,7 +242,12 @@ pub async fn findings(settings: &Settings) -> Result<Vec<Finding>, String> {
         }
     }
     if let Some(cfg) = crate::supervisor::stream_config(settings) {
-        out.push(stream_finding(cfg?).await);
+        let cfg = cfg?;
+        if cfg.partitions == 0 {
+            out.push(stream_finding(cfg).await);
+        } else {
+            out.extend(super_stream_findings(cfg).await);
+        }
     }
     Ok(out)
 }
@@ -251,7 +256,10 @@ pub async fn findings(settings: &Settings) -> Result<Vec<Finding>, String> {
 /// may create it). See docs/streams.md.
 async fn stream_finding(cfg: crate::sink::stream::StreamConfig) -> Finding {
     let at = format!("{} (stream {:?})", cfg.redacted_url(), cfg.stream);
-    match crate::sink::stream::probe(&cfg).await {
+    match crate::sink::stream::probe(&cfg)
+        .await
+        .map(|mut p| p.remove(0))
+    {
         Err(e) => Finding::block(
             format!("RabbitMQ stream port at {at}: {e}"),
             "rabbitmq-plugins enable rabbitmq_stream (listens on 5552); check host, port, user and vhost in --stream-url",
@@ -272,6 +280,88 @@ async fn stream_finding(cfg: crate::sink::stream::StreamConfig) -> Finding {
             ),
         ),
     }
+}
+
+/// `--stream-partitions`: which partition streams exist, with each
+/// producer's last stored id, and the super stream's exchange (over AMQP).
+async fn super_stream_findings(cfg: crate::sink::stream::StreamConfig) -> Vec<Finding> {
+    use crate::sink::stream::partition;
+    let name = &cfg.stream;
+    let n = cfg.partitions;
+    let at = format!(
+        "{} (super stream {name:?}, {n} partitions)",
+        cfg.redacted_url()
+    );
+    let create = format!(
+        "rabbitmq-streams add_super_stream {name} --partitions {n} (RabbitMQ 3.11+), or run without --no-declare once"
+    );
+    let probes = match crate::sink::stream::probe(&cfg).await {
+        Err(e) => {
+            return vec![Finding::block(
+                format!("RabbitMQ stream port at {at}: {e}"),
+                "rabbitmq-plugins enable rabbitmq_stream (listens on 5552); check host, port, user and vhost in --stream-url",
+            )];
+        }
+        Ok(p) => p,
+    };
+    let mut out = Vec::new();
+    let missing: Vec<&str> = probes
+        .iter()
+        .filter(|p| !p.stream_exists)
+        .map(|p| p.stream.as_str())
+        .collect();
+    let ids: Vec<String> = probes
+        .iter()
+        .filter(|p| p.stream_exists)
+        .map(|p| format!("{} {}", p.stream, p.last_publishing_id))
+        .collect();
+    if missing.is_empty() {
+        out.push(Finding::ok(format!(
+            "RabbitMQ super stream at {at}: every partition exists; last stored publishing id of each partition's producer: {}",
+            ids.join(", ")
+        )));
+    } else if cfg.declare {
+        out.push(Finding::ok(format!(
+            "RabbitMQ stream port reachable at {at}; {} of {n} partitions do not exist yet ({}): run creates them",
+            missing.len(),
+            missing.join(", ")
+        )));
+    } else {
+        out.push(Finding::block(
+            format!(
+                "partitions {} of super stream {name:?} do not exist and --no-declare is set",
+                missing.join(", ")
+            ),
+            create.clone(),
+        ));
+    }
+    let uri = cfg.amqp_uri();
+    let amqp = partition::describe(&uri);
+    out.push(
+        match partition::exchange_exists(&uri, name, cfg.connect_timeout).await {
+            Ok(true) => Finding::ok(format!(
+                "super stream exchange {name:?} exists (checked over AMQP at {amqp})"
+            )),
+            Ok(false) if cfg.declare => Finding::ok(format!(
+                "super stream exchange {name:?} does not exist yet: run declares it over AMQP at {amqp}"
+            )),
+            Ok(false) => Finding::warn(
+                format!(
+                    "super stream exchange {name:?} does not exist (--no-declare): readers of the partition streams are not affected, super stream clients (RabbitMQ 3.11+) find no partitions"
+                ),
+                create,
+            ),
+            Err(e) if cfg.declare => Finding::block(
+                format!("run declares the super stream exchange over AMQP at {amqp} and cannot: {e}"),
+                "give --amqp with the broker's AMQP URL, or create the topology yourself and run with --no-declare",
+            ),
+            Err(e) => Finding::warn(
+                format!("cannot check the super stream exchange {name:?} over AMQP at {amqp}: {e}"),
+                "give --amqp with the broker's AMQP URL",
+            ),
+        },
+    );
+    out
 }
 
 /// Tables the run would capture, and what stands in the way: the profile,

@@ -33,6 +33,7 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
         "stream_url",
         "stream",
         "stream_producer",
+        "stream_partitions",
         "no_declare",
         "queue",
         "queue_type",
@@ -59,6 +60,8 @@ fn options_for(cmd: &str) -> Vec<&'static (&'static str, Kind, &'static str)> {
                     | "stream_url"
                     | "stream"
                     | "stream_producer"
+                    | "stream_partitions"
+                    | "amqp"
                     | "no_declare"
                     | "slot"
                     | "publication"
@@ -107,7 +110,7 @@ pub fn heading(key: &str) -> &'static str {
         | "insert_only_tables_without_key" => "Slot & publication",
         "amqp" | "exchange" | "no_declare" | "queue" | "queue_type" | "queue_binding"
         | "routing_prefix" | "routing_template" | "unroutable" | "stream_url" | "stream"
-        | "stream_producer" => "Broker (RabbitMQ)",
+        | "stream_producer" | "stream_partitions" => "Broker (RabbitMQ)",
         "include" | "exclude" | "exclude_column" | "profile" | "translation_lang" => "Selection",
         "snapshot" | "snapshot_workers" | "snapshot_chunk_rows" => "Snapshot",
         "granularity"

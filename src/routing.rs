@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::event::{ChangeEvent, Op, pg_timestamp_unix_secs};
-use crate::sink::{HeaderValue, OutgoingMessage};
+use crate::pgoutput::{ColumnValue, OldTuple};
+use crate::sink::{HeaderValue, OutgoingMessage, PARTITION_KEY};
 
 pub const DEFAULT_TEMPLATE: &str = "{prefix}.{schema}.{table}.{op}";
 
@@ -19,6 +20,9 @@ pub const DEFAULT_TEMPLATE: &str = "{prefix}.{schema}.{table}.{op}";
 pub struct Routing {
     pub prefix: String,
     pub template: String,
+    /// Add the `x-partition-key` header to row changes (a partitioned stream
+    /// sink needs it; nothing else pays for building it).
+    pub partition_keys: bool,
 }
 
 impl Routing {
@@ -26,6 +30,7 @@ impl Routing {
         Routing {
             prefix: prefix.into(),
             template: template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_string()),
+            partition_keys: false,
         }
     }
 
@@ -127,6 +132,11 @@ impl Routing {
         if ev.snapshot {
             headers.insert("x-snapshot".into(), HeaderValue::Bool(true));
         }
+        if self.partition_keys
+            && let Some(key) = partition_key(ev)
+        {
+            headers.insert(PARTITION_KEY.into(), HeaderValue::Str(key));
+        }
         OutgoingMessage {
             routing_key: self.routing_key(ev),
             body,
@@ -144,9 +154,138 @@ impl Routing {
     }
 }
 
+/// The partition key of a row change or snapshot row: `<schema>.<table>`,
+/// then `/` and the value of each key column (replica identity, or primary
+/// key under `REPLICA IDENTITY FULL`; columns left out of events are left out
+/// here too) in column order, as PostgreSQL's text output writes it
+/// (`public.sale_order/42`, `public.sale_order_tag_rel/7/3`). The key is the
+/// new row's (an update that changes the key is keyed by the new key), the
+/// old row's for a delete. A table without key: `<schema>.<table>` alone.
+/// `None` for truncates and logical messages, which name no row.
+///
+/// Partitioned streams hash it (`sink/stream/partition.rs`); it is in the
+/// message so that consumers and tools need not rebuild it.
+pub fn partition_key(ev: &ChangeEvent) -> Option<String> {
+    let t = ev.table.as_deref()?;
+    if matches!(ev.op, Op::Truncate | Op::Message) {
+        return None;
+    }
+    let old = match &ev.old {
+        Some(OldTuple::Key(o) | OldTuple::Full(o)) => Some(o),
+        None => None,
+    };
+    let mut key = String::with_capacity(48);
+    key.push_str(&t.relation.schema);
+    key.push('.');
+    key.push_str(&t.relation.table);
+    let Some(row) = ev.new.as_ref().or(old) else {
+        return Some(key);
+    };
+    for &i in &t.key_columns {
+        if t.skip_column.get(i).copied().unwrap_or(false) {
+            continue;
+        }
+        key.push('/');
+        // An unchanged TOASTed key value is in the old image.
+        let value = match row.columns.get(i) {
+            Some(ColumnValue::UnchangedToast) | None => old.and_then(|o| o.columns.get(i)),
+            v => v,
+        };
+        if let Some(ColumnValue::Text(b) | ColumnValue::Binary(b)) = value {
+            key.push_str(&String::from_utf8_lossy(b));
+        }
+    }
+    Some(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::Arc;
+
+    use crate::event::TableInfo;
+    use crate::lsn::Lsn;
+    use crate::pgoutput::TupleData;
+    use crate::schema::{Column, Relation, ReplicaIdentity};
+
+    fn tuple(values: &[Option<&str>]) -> TupleData {
+        TupleData {
+            columns: values
+                .iter()
+                .map(|v| match v {
+                    Some(t) => ColumnValue::Text(Bytes::copy_from_slice(t.as_bytes())),
+                    None => ColumnValue::Null,
+                })
+                .collect(),
+        }
+    }
+
+    /// A `public.tag_rel (a int, b int, note text)` change keyed by (a, b).
+    fn event(op: Op, new: Option<TupleData>, old: Option<OldTuple>) -> ChangeEvent {
+        let rel = Arc::new(Relation::new(
+            1,
+            "public",
+            "tag_rel",
+            ReplicaIdentity::Default,
+            vec![
+                Column::new("a", 23, -1, true),
+                Column::new("b", 23, -1, true),
+                Column::new("note", 25, -1, false),
+            ],
+        ));
+        ChangeEvent {
+            op,
+            table: Some(Arc::new(TableInfo::plain(rel))),
+            lsn: Lsn(1),
+            commit_lsn: Lsn(2),
+            xid: 1,
+            commit_ts: 0,
+            seq: 0,
+            snapshot: false,
+            old,
+            new,
+            truncate_options: 0,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn partition_keys_name_table_and_key() {
+        let ins = event(
+            Op::Insert,
+            Some(tuple(&[Some("7"), Some("3"), Some("x")])),
+            None,
+        );
+        assert_eq!(partition_key(&ins).as_deref(), Some("public.tag_rel/7/3"));
+        let del = event(
+            Op::Delete,
+            None,
+            Some(OldTuple::Key(tuple(&[Some("7"), Some("3"), None]))),
+        );
+        assert_eq!(partition_key(&del).as_deref(), Some("public.tag_rel/7/3"));
+        let mut upd = event(
+            Op::Update,
+            Some(tuple(&[Some("7"), Some("3"), Some("y")])),
+            None,
+        );
+        if let Some(new) = upd.new.as_mut() {
+            new.columns[1] = ColumnValue::UnchangedToast;
+        }
+        upd.old = Some(OldTuple::Key(tuple(&[Some("7"), Some("3"), None])));
+        assert_eq!(partition_key(&upd).as_deref(), Some("public.tag_rel/7/3"));
+        assert_eq!(partition_key(&event(Op::Truncate, None, None)), None);
+
+        let mut routing = Routing::new("odoo", None);
+        let plain = routing.row_message(&ins, Bytes::new(), "application/json");
+        assert!(!plain.headers.contains_key(PARTITION_KEY));
+        routing.partition_keys = true;
+        let keyed = routing.row_message(&ins, Bytes::new(), "application/json");
+        assert_eq!(
+            keyed.headers.get(PARTITION_KEY),
+            Some(&HeaderValue::Str("public.tag_rel/7/3".into()))
+        );
+    }
 
     #[test]
     fn templates_are_validated() {

@@ -71,15 +71,18 @@ pub fn rabbit_config(settings: &Settings) -> Option<Result<RabbitConfig, String>
 /// The stream sink's settings; `None` without `--stream-url`.
 pub fn stream_config(settings: &Settings) -> Option<Result<StreamConfig, String>> {
     let url = settings.stream_url.as_ref()?;
-    Some(
-        StreamConfig::new(url.expose(), &settings.stream, &settings.stream_producer).map(
-            |mut c| {
-                c.declare = settings.declare_exchange;
-                c.confirm_timeout = settings.confirm_timeout;
-                c
-            },
-        ),
-    )
+    let cfg = StreamConfig::new(url.expose(), &settings.stream, &settings.stream_producer)
+        .and_then(|c| c.with_partitions(settings.stream_partitions))
+        .and_then(|c| match (&settings.amqp, c.partitions) {
+            (Some(amqp), 1..) => c.with_amqp_url(amqp.expose()),
+            _ => Ok(c),
+        })
+        .map(|mut c| {
+            c.declare = settings.declare_exchange;
+            c.confirm_timeout = settings.confirm_timeout;
+            c
+        });
+    Some(cfg)
 }
 
 /// The broker a run publishes to, chosen from the settings.

@@ -9,7 +9,10 @@
 //! whole stream back and compare it with a second, untouched slot on the same
 //! publication: every
 //! committed change must be in the stream exactly once (0 lost, 0 duplicates),
-//! identified by its `message_id` (`<commit LSN>-<seq>`).
+//! identified by its `message_id` (`<commit LSN>-<seq>`). The kill -9 run is
+//! repeated with a super stream of 3 partitions (`--stream-partitions 3`):
+//! exactly once over all partitions, each change in the partition its row's
+//! key (read from the reference slot) hashes to, each partition in WAL order.
 
 mod common;
 
@@ -24,6 +27,7 @@ use common::{Proc, TestDb};
 use odoo_cdc::event::message_id;
 use odoo_cdc::lsn::Lsn;
 use odoo_cdc::sink::stream::consumer::{delete_stream, read_stream};
+use odoo_cdc::sink::stream::partition::partition_of;
 use odoo_cdc::sink::stream::{StreamConfig, StreamMessage, StreamSink, publishing_id};
 use odoo_cdc::sink::{Confirm, HeaderValue, OutgoingMessage, Sink};
 
@@ -313,8 +317,9 @@ async fn snapshot_rows_and_transaction_messages_reach_the_stream() {
 
 const TARGET_CHANGES: u64 = 20_000;
 
-/// `<commit LSN>-<seq>` of every change the reference slot returns, in commit order.
-async fn committed_ids(db: &TestDb, slot: &str) -> Vec<String> {
+/// `<commit LSN>-<seq>` of every change the reference slot returns, in
+/// commit order, with its row's key (`item.id`).
+async fn committed_changes(db: &TestDb, slot: &str) -> Vec<(String, String)> {
     let rows = db
         .client
         .query(
@@ -324,7 +329,10 @@ async fn committed_ids(db: &TestDb, slot: &str) -> Vec<String> {
         )
         .await
         .expect("read the reference slot");
-    common::change_ids(rows.iter().map(|r| r.get::<_, &[u8]>(0)))
+    common::change_rows(rows.iter().map(|r| r.get::<_, &[u8]>(0)))
+        .into_iter()
+        .map(|(id, _, key)| (id, key))
+        .collect()
 }
 
 /// Commits transactions of 1 to about 600 changes (inserts, updates, deletes)
@@ -405,7 +413,29 @@ enum Fault<'a> {
     BrokerRestart(&'a PrivateBroker),
 }
 
-async fn exactly_once_under(url: &str, fault: Fault<'_>) {
+/// Every message of every stream the connector writes (the partitions, in
+/// order), `None` for a stream that could not be read.
+async fn read_all(cfg: &StreamConfig, partitions: u16) -> Vec<Option<Vec<StreamMessage>>> {
+    let mut all = Vec::new();
+    for i in 0..usize::from(partitions.max(1)) {
+        let stream = if partitions == 0 {
+            cfg.clone()
+        } else {
+            cfg.partition(i)
+        };
+        all.push(
+            read_stream(&stream, 0, Duration::from_millis(700), usize::MAX)
+                .await
+                .ok(),
+        );
+    }
+    all
+}
+
+/// The exactly-once run: a workload, four faults, then every committed change
+/// must be in the stream (or, with `partitions`, in its row's partition)
+/// exactly once and in WAL order.
+async fn exactly_once_under(url: &str, fault: Fault<'_>, partitions: u16) {
     let db = TestDb::create("stream_eo").await;
     let reference = format!("{}_ref", db.name);
     db.exec(&format!(
@@ -421,7 +451,15 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>) {
     .await;
     let stream = common::unique_name("odoo-cdc-test-eo");
     let cfg = config(url, &stream);
-    let mut connector = spawn_connector(&db, url, &stream, FAULT_RUN);
+    let n = partitions.to_string();
+    // The partitioned run uses the shared broker, whose AMQP port is this.
+    let amqp = common::amqp_url();
+    let mut run_args = FAULT_RUN.to_vec();
+    if partitions > 0 {
+        run_args.extend(["--stream-partitions", &n, "--amqp", &amqp]);
+    }
+    let run_args = &run_args[..];
+    let mut connector = spawn_connector(&db, url, &stream, run_args);
     common::wait_for_slot(&db).await;
 
     let changes = Arc::new(AtomicU64::new(0));
@@ -432,7 +470,7 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>) {
         match &fault {
             Fault::Kill9 => {
                 connector.kill9();
-                connector = spawn_connector(&db, url, &stream, FAULT_RUN);
+                connector = spawn_connector(&db, url, &stream, run_args);
             }
             Fault::CloseAllConnections(broker) => {
                 let out = broker.ctl(&["close_all_connections", "test: connection closed"]);
@@ -452,7 +490,8 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>) {
     }
     workload.await.unwrap();
     let committed = changes.load(Ordering::Relaxed);
-    let expected = committed_ids(&db, &reference).await;
+    let changes_and_keys = committed_changes(&db, &reference).await;
+    let expected: Vec<String> = changes_and_keys.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(expected.len() as u64, committed);
 
     // Wait until the stream holds them all and the slot moved past them.
@@ -462,12 +501,15 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>) {
         .await
         .unwrap()
         .get(0);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let mut got: Vec<StreamMessage>;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut streams: Vec<Vec<StreamMessage>>;
     loop {
-        got = read_stream(&cfg, 0, Duration::from_millis(700), usize::MAX)
+        streams = read_all(&cfg, partitions)
             .await
-            .unwrap_or_default();
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
+        let got: usize = streams.iter().map(Vec::len).sum();
         let caught_up = db
             .client
             .query_one(
@@ -477,25 +519,30 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>) {
             .await
             .unwrap()
             .get::<_, bool>(0);
-        if got.len() >= expected.len() && caught_up {
+        if got >= expected.len() && caught_up {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "only {} of {} changes reached the stream (slot caught up: {caught_up})",
-            got.len(),
+            "only {got} of {} changes reached the stream (slot caught up: {caught_up})",
             expected.len()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Anything late (a duplicate still in flight) would show up now.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    got = read_stream(&cfg, 0, Duration::from_millis(700), usize::MAX)
+    streams = read_all(&cfg, partitions)
         .await
-        .unwrap();
+        .into_iter()
+        .map(|s| s.expect("read every stream"))
+        .collect();
     connector.terminate();
 
-    let ids: Vec<String> = got.iter().filter_map(|m| m.message_id.clone()).collect();
+    let ids: Vec<String> = streams
+        .iter()
+        .flatten()
+        .filter_map(|m| m.message_id.clone())
+        .collect();
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for id in &ids {
         *seen.entry(id).or_default() += 1;
@@ -506,17 +553,59 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>) {
     let lost: Vec<&&str> = want.difference(&have).take(5).collect();
     let lost_n = want.difference(&have).count();
     let extra_n = have.difference(&want).count();
+    let sizes: Vec<usize> = streams.iter().map(Vec::len).collect();
     eprintln!(
-        "{} committed changes, {} messages in the stream: {lost_n} lost, {duplicates} duplicates, {extra_n} unexpected",
+        "{} committed changes, {} messages in {} stream(s) {sizes:?}: {lost_n} lost, {duplicates} duplicates, {extra_n} unexpected",
         expected.len(),
-        ids.len()
+        ids.len(),
+        streams.len(),
     );
     assert_eq!(lost_n, 0, "lost, e.g. {lost:?}");
     assert_eq!(duplicates, 0, "duplicates in the stream");
     assert_eq!(extra_n, 0, "messages no committed change explains");
-    // Commit order is kept too.
-    assert_eq!(ids, expected, "the stream is in commit order");
+    if partitions == 0 {
+        // Commit order is kept too.
+        assert_eq!(ids, expected, "the stream is in commit order");
+    } else {
+        // Each change is in the partition its row's key hashes to (keys from
+        // the reference slot), and each partition is in WAL order, so every
+        // row's changes are in one partition in WAL order.
+        let wal: HashMap<&str, (usize, &str)> = changes_and_keys
+            .iter()
+            .enumerate()
+            .map(|(at, (id, key))| (id.as_str(), (at, key.as_str())))
+            .collect();
+        for (p, messages) in streams.iter().enumerate() {
+            let mut previous = None;
+            for m in messages {
+                let id = m.message_id.as_deref().unwrap_or_default();
+                let (at, key) = wal[id];
+                let partition_key = format!("public.item/{key}");
+                assert_eq!(
+                    partition_of(&partition_key, usize::from(partitions)),
+                    p,
+                    "{id} (item {key}) is in partition {p}"
+                );
+                assert_eq!(
+                    m.application_properties.get("x-partition-key"),
+                    Some(&HeaderValue::Str(partition_key))
+                );
+                assert!(
+                    previous < Some(at),
+                    "partition {p} is not in WAL order at {id}"
+                );
+                previous = Some(at);
+            }
+        }
+        assert!(
+            sizes.iter().all(|&n| n > 0),
+            "every partition got changes: {sizes:?}"
+        );
+    }
 
+    for i in 0..usize::from(partitions) {
+        delete_stream(&cfg.partition(i)).await.unwrap();
+    }
     delete_stream(&cfg).await.unwrap();
     // cleanup() drops the reference slot with the database's others (it
     // retries while a slot is still active; a direct drop once failed here).
@@ -525,7 +614,14 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_a_workload_leaves_every_change_in_the_stream_exactly_once() {
-    exactly_once_under(&stream_url(), Fault::Kill9).await;
+    exactly_once_under(&stream_url(), Fault::Kill9, 0).await;
+}
+
+/// The same with a super stream of 3 partitions: every change exactly once
+/// over all partitions, in its row's partition, in WAL order there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_with_partitions_leaves_every_change_exactly_once_in_its_rows_partition() {
+    exactly_once_under(&stream_url(), Fault::Kill9, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,7 +632,7 @@ async fn closed_broker_connections_leave_every_change_in_the_stream_exactly_once
     }
     let broker = PrivateBroker::start();
     let url = broker.stream_url();
-    exactly_once_under(&url, Fault::CloseAllConnections(&broker)).await;
+    exactly_once_under(&url, Fault::CloseAllConnections(&broker), 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,5 +643,5 @@ async fn broker_restarts_leave_every_change_in_the_stream_exactly_once() {
     }
     let broker = PrivateBroker::start();
     let url = broker.stream_url();
-    exactly_once_under(&url, Fault::BrokerRestart(&broker)).await;
+    exactly_once_under(&url, Fault::BrokerRestart(&broker), 0).await;
 }

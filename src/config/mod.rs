@@ -90,6 +90,8 @@ pub struct Settings {
     pub stream_url: Option<AmqpUrl>,
     pub stream: String,
     pub stream_producer: String,
+    /// `--stream-partitions`: 0 for one plain stream.
+    pub stream_partitions: u16,
     pub declare_exchange: bool,
     pub queue: Option<String>,
     pub queue_type: QueueType,
@@ -156,12 +158,25 @@ impl Settings {
                 Some(AmqpUrl(Secret::from(u)))
             }
         };
+        let stream_partitions: u16 = raw.number("stream_partitions", 0u16, 0)?;
+        if stream_partitions > crate::sink::stream::partition::MAX_PARTITIONS {
+            return Err(raw.invalid(
+                "stream_partitions",
+                format!(
+                    "at most {} partitions",
+                    crate::sink::stream::partition::MAX_PARTITIONS
+                ),
+            ));
+        }
         let stream_url = match raw.string("stream_url") {
             None => None,
-            Some(_) if amqp.is_some() => {
-                return Err(
-                    raw.invalid("stream_url", "give either --amqp or --stream-url, not both")
-                );
+            // With partitions, --amqp only says where to declare the super
+            // stream's exchange.
+            Some(_) if amqp.is_some() && stream_partitions == 0 => {
+                return Err(raw.invalid(
+                    "stream_url",
+                    "give either --amqp or --stream-url, not both (both only with --stream-partitions, where --amqp is used to declare the super stream's exchange)",
+                ));
             }
             Some(u) => {
                 crate::sink::stream::wire::Endpoint::parse(&u)
@@ -169,13 +184,21 @@ impl Settings {
                 Some(AmqpUrl(Secret::from(u)))
             }
         };
+        if stream_partitions > 0 && stream_url.is_none() {
+            return Err(raw.invalid(
+                "stream_partitions",
+                "partitions are streams: give --stream-url too",
+            ));
+        }
         let stream_producer = raw
             .string("stream_producer")
             .unwrap_or_else(|| crate::sink::stream::default_producer(&slot));
         let stream = raw.string("stream").unwrap_or_else(|| "odoo.cdc".into());
+        // Partition names add `-<i>`.
+        let max_len = if stream_partitions > 0 { 251 } else { 255 };
         for (key, name) in [("stream", &stream), ("stream_producer", &stream_producer)] {
-            if name.is_empty() || name.len() > 255 {
-                return Err(raw.invalid(key, "must have 1 to 255 bytes"));
+            if name.is_empty() || name.len() > max_len {
+                return Err(raw.invalid(key, format!("must have 1 to {max_len} bytes")));
             }
         }
         let metrics_addr = match raw.string("metrics_addr") {
@@ -214,6 +237,22 @@ impl Settings {
                 "raw needs --format json (Protobuf fields are typed); use dead-letter",
             ));
         }
+        let granularity = raw.choice(
+            "granularity",
+            Granularity::Row,
+            &[
+                ("row", Granularity::Row),
+                ("transaction", Granularity::Transaction),
+            ],
+        )?;
+        if stream_partitions > 0 && granularity == Granularity::Transaction {
+            return Err(raw.invalid(
+                "stream_partitions",
+                "--stream-partitions needs --granularity row: a transaction message holds the changes of many rows, and partitions are chosen per row (see docs/streams.md, Partitions)",
+            ));
+        }
+        let mut routing = Routing::new(prefix.clone(), template);
+        routing.partition_keys = stream_partitions > 0;
         Ok(Settings {
             selection,
             shutdown_grace: Duration::from_secs(raw.number("shutdown_grace_secs", 30u64, 0)?),
@@ -231,21 +270,14 @@ impl Settings {
             create_slot: raw.flag("create_slot")?,
             temporary: raw.flag("temporary")?,
             create_publication: raw.flag("create_publication")?,
-            granularity: raw.choice(
-                "granularity",
-                Granularity::Row,
-                &[
-                    ("row", Granularity::Row),
-                    ("transaction", Granularity::Transaction),
-                ],
-            )?,
+            granularity,
             format,
             queue_bindings: if queue_bindings.is_empty() {
                 vec![format!("{prefix}.#")]
             } else {
                 queue_bindings
             },
-            routing: Routing::new(prefix, template),
+            routing,
             window: raw.number("window", 2048usize, 1)?,
             max_events_per_message: raw.number("max_events_per_message", 1000usize, 1)?,
             max_message_bytes: raw.number("max_message_bytes", 16usize * 1024 * 1024, 4096)?,
@@ -275,6 +307,7 @@ impl Settings {
             stream_url,
             stream,
             stream_producer,
+            stream_partitions,
             declare_exchange: !raw.flag("no_declare")?,
             queue: raw.string("queue"),
             queue_type: raw.choice(
@@ -616,6 +649,49 @@ mod tests {
             e.contains("`stream_url`") && e.contains("rabbitmq-stream://"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn stream_partitions_are_checked() {
+        let url = "rabbitmq-stream://u:p@h:5552/%2f";
+        let settings = |flags: Vec<(&'static str, &str)>| {
+            let mut all = vec![("source", "postgres://u@h/db"), ("stream_url", url)];
+            all.extend(flags);
+            Settings::from_raw(&raw(all, None, &[]).unwrap())
+        };
+        let s = settings(vec![("stream_partitions", "4")]).unwrap();
+        assert_eq!(s.stream_partitions, 4);
+        assert!(s.routing.partition_keys);
+        assert!(!settings(vec![]).unwrap().routing.partition_keys);
+
+        let e = settings(vec![
+            ("stream_partitions", "4"),
+            ("granularity", "transaction"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`stream_partitions`") && e.contains("--granularity row"),
+            "{e}"
+        );
+        let e = settings(vec![("stream_partitions", "129")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 128"), "{e}");
+        // --amqp with --stream-url: only to declare a super stream's exchange.
+        assert!(settings(vec![("stream_partitions", "2"), ("amqp", "amqp://h")]).is_ok());
+        let e = settings(vec![("amqp", "amqp://h")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("either --amqp or --stream-url"), "{e}");
+        let r = raw(
+            vec![("source", "postgres://u@h/db"), ("stream_partitions", "2")],
+            None,
+            &[],
+        )
+        .unwrap();
+        let e = Settings::from_raw(&r).unwrap_err().to_string();
+        assert!(e.contains("--stream-url"), "{e}");
     }
 
     #[test]

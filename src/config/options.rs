@@ -42,7 +42,7 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     (
         "amqp",
         Kind::Single,
-        "RabbitMQ URL (amqp:// or amqps://, vhost as path)",
+        "RabbitMQ URL (amqp:// or amqps://, vhost as path); with --stream-url and --stream-partitions, only where the super stream's exchange is declared",
     ),
     (
         "exchange",
@@ -63,6 +63,11 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
         "stream_producer",
         Kind::Single,
         "with --stream-url: producer name the broker deduplicates by; one per slot [default: odoo-cdc-<slot>]",
+    ),
+    (
+        "stream_partitions",
+        Kind::Single,
+        "with --stream-url: spread row events over N partition streams STREAM-0 to STREAM-(N-1), a super stream, by a hash of table and key (1 to 128; see docs/streams.md); its exchange STREAM is declared over AMQP (--amqp, else the stream URL's host on port 5672); 0 = one plain stream [default: 0]",
     ),
     (
         "no_declare",

@@ -34,6 +34,11 @@ pub struct OutgoingMessage {
     pub headers: BTreeMap<String, HeaderValue>,
 }
 
+/// Header naming the row a message is about, for partitioned streams:
+/// `<schema>.<table>` then `/<value>` per key column (see `routing.rs`). Set
+/// only when a sink partitions (`--stream-partitions`).
+pub const PARTITION_KEY: &str = "x-partition-key";
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum HeaderValue {
     Str(String),

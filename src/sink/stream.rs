@@ -18,17 +18,21 @@
 //! on `message_id`). So does a change beyond the id's limits (see
 //! `docs/streams.md`), with a warning.
 //!
+//! With `--stream-partitions N` the sink writes `N` partition streams
+//! instead of one (see [`partition`]): one named producer per partition
+//! (`<producer>-<i>`), each with the same publishing ids, so deduplication
+//! holds per partition; the checkpoint stays one over all of them.
+//!
 //! Our own protocol client (see [`wire`]): the `rabbitmq-stream-client` crate
 //! (0.11) sends `ExchangeCommandVersions` when it connects, which RabbitMQ
 //! before 3.11 does not know and answers by closing the connection.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
+use lapin::uri::AMQPUri;
+use tokio::io::BufWriter;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -38,9 +42,13 @@ use super::{Confirm, OutgoingMessage, Sink, SinkError};
 
 pub mod amqp;
 pub mod consumer;
+mod io;
+pub mod partition;
 pub mod wire;
 
 pub use amqp::StreamMessage;
+use io::{Out, Shared, Waiting};
+use partition::Target;
 use wire::{Conn, Endpoint, Frame, Reader};
 
 /// Bits of the publishing id that hold the event's `seq` in its transaction.
@@ -94,11 +102,46 @@ pub fn default_producer(slot: &str) -> String {
 pub struct StreamStats {
     /// Replayed changes confirmed without sending: the broker had them.
     pub replayed_already_stored: AtomicU64,
-    /// The producer's last publishing id the broker reported at the last connect.
+    /// The producer's last publishing id the broker reported at the last
+    /// connect (with partitions: the highest over them).
     pub stored_publishing_id: AtomicU64,
+    /// With partitions, by partition.
+    partitions: Mutex<Vec<PartitionStats>>,
+}
+
+#[derive(Debug, Default)]
+struct PartitionStats {
+    stream: String,
+    /// The producer's last stored id at the last connect.
+    stored: u64,
+    /// Messages sent since start.
+    sent: u64,
 }
 
 impl StreamStats {
+    fn connected(&self, streams: &[String], stored: &[u64]) {
+        let max = stored.iter().copied().max().unwrap_or(0);
+        self.stored_publishing_id.store(max, Ordering::Relaxed);
+        if streams.len() < 2 && self.partitions.lock().is_ok_and(|p| p.is_empty()) {
+            return; // one plain stream: the families above say it all
+        }
+        if let Ok(mut p) = self.partitions.lock() {
+            p.resize_with(streams.len(), Default::default);
+            for ((entry, stream), &id) in p.iter_mut().zip(streams).zip(stored) {
+                entry.stream.clone_from(stream);
+                entry.stored = id;
+            }
+        }
+    }
+
+    fn sent(&self, partition: usize) {
+        if let Ok(mut p) = self.partitions.lock()
+            && let Some(entry) = p.get_mut(partition)
+        {
+            entry.sent += 1;
+        }
+    }
+
     /// Prometheus text lines, for [`crate::metrics::Metrics::add_render_hook`].
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
@@ -122,6 +165,33 @@ impl StreamStats {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             );
         }
+        let Ok(partitions) = self.partitions.lock() else {
+            return;
+        };
+        if partitions.is_empty() {
+            return;
+        }
+        let families = [
+            (
+                "odoo_cdc_stream_partition_stored_publishing_id",
+                "gauge",
+                "Per partition stream: its producer's last stored publishing id at connect.",
+                false,
+            ),
+            (
+                "odoo_cdc_stream_partition_sent_total",
+                "counter",
+                "Per partition stream: messages sent to it (replayed ones it had are not sent).",
+                true,
+            ),
+        ];
+        for (name, kind, help, sent) in families {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            for p in partitions.iter() {
+                let value = if sent { p.sent } else { p.stored };
+                let _ = writeln!(out, "{name}{{stream=\"{}\"}} {value}", p.stream);
+            }
+        }
     }
 }
 
@@ -131,10 +201,16 @@ pub struct StreamConfig {
     /// Private: holds the password.
     url: String,
     endpoint: Endpoint,
-    /// The stream appended to.
+    /// The stream appended to; with partitions, the super stream's name.
     pub stream: String,
-    /// The producer reference the broker deduplicates by.
+    /// The producer reference the broker deduplicates by (with partitions,
+    /// `<producer>-<i>` for partition `i`).
     pub producer: String,
+    /// 0: one plain stream; else the number of partitions (see [`partition`]).
+    pub partitions: u16,
+    /// Where to declare the super stream's exchange (AMQP 0-9-1); by default
+    /// the stream URL's host, credentials and vhost on port 5672.
+    amqp: Option<Box<AMQPUri>>,
     /// Create the stream if missing (off with `--no-declare`: it must exist).
     pub declare: bool,
     pub confirm_timeout: Duration,
@@ -150,6 +226,7 @@ impl std::fmt::Debug for StreamConfig {
             .field("url", &self.redacted_url())
             .field("stream", &self.stream)
             .field("producer", &self.producer)
+            .field("partitions", &self.partitions)
             .field("declare", &self.declare)
             .finish()
     }
@@ -170,12 +247,75 @@ impl StreamConfig {
             endpoint,
             stream: stream.to_owned(),
             producer: producer.to_owned(),
+            partitions: 0,
+            amqp: None,
             declare: true,
             confirm_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             connection_name: "odoo-cdc".to_owned(),
             stats: Arc::default(),
         })
+    }
+
+    /// Writes `n` partition streams (a super stream) instead of one plain
+    /// stream; 0 goes back to one stream.
+    pub fn with_partitions(mut self, n: u16) -> Result<Self, String> {
+        if n > partition::MAX_PARTITIONS {
+            return Err(format!("at most {} partitions", partition::MAX_PARTITIONS));
+        }
+        if n > 0 && self.stream.len().max(self.producer.len()) > 251 {
+            return Err(
+                "with partitions, stream and producer names must have at most 251 bytes".into(),
+            );
+        }
+        self.partitions = n;
+        Ok(self)
+    }
+
+    /// Where the super stream's exchange is declared, instead of the stream
+    /// URL's host on port 5672 (an `amqp://` or `amqps://` URL).
+    pub fn with_amqp_url(mut self, url: &str) -> Result<Self, String> {
+        self.amqp = Some(Box::new(url.parse::<AMQPUri>()?));
+        Ok(self)
+    }
+
+    /// The AMQP 0-9-1 endpoint for the super stream's exchange.
+    pub fn amqp_uri(&self) -> AMQPUri {
+        match &self.amqp {
+            Some(uri) => (**uri).clone(),
+            None => partition::amqp_uri_for(&self.endpoint),
+        }
+    }
+
+    /// The streams written, in partition order: the stream itself, or its
+    /// partitions `<stream>-0` ... `<stream>-<N-1>`.
+    pub fn streams(&self) -> Vec<String> {
+        self.names(&self.stream)
+    }
+
+    /// The named producers, aligned with [`StreamConfig::streams`].
+    pub fn producers(&self) -> Vec<String> {
+        self.names(&self.producer)
+    }
+
+    fn names(&self, base: &str) -> Vec<String> {
+        match self.partitions {
+            0 => vec![base.to_owned()],
+            n => (0..usize::from(n))
+                .map(|i| partition::partition_name(base, i))
+                .collect(),
+        }
+    }
+
+    /// The configuration of partition `i` alone, as a plain stream (for
+    /// readers; a sink of it would not hash).
+    pub fn partition(&self, i: usize) -> StreamConfig {
+        let mut cfg = self.clone();
+        cfg.stream = partition::partition_name(&self.stream, i);
+        cfg.producer = partition::partition_name(&self.producer, i);
+        cfg.partitions = 0;
+        cfg.stats = Arc::default();
+        cfg
     }
 
     pub fn redacted_url(&self) -> String {
@@ -187,99 +327,73 @@ impl StreamConfig {
     }
 }
 
-/// What `odoo-cdc check` learns from the broker without publishing.
+/// What `odoo-cdc check` learns from the broker about one stream it would
+/// write, without publishing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
+    pub stream: String,
+    pub producer: String,
     pub stream_exists: bool,
     /// The producer's last stored publishing id (0: it never published).
     pub last_publishing_id: u64,
 }
 
-/// Connects to the stream port and asks for the producer's sequence, which
-/// also tells whether the stream exists. Creates and sends nothing.
-pub async fn probe(cfg: &StreamConfig) -> Result<Probe, String> {
+/// Connects to the stream port and asks for each producer's sequence, which
+/// also tells whether its stream exists: one [`Probe`] per stream written
+/// (the partitions, in order). Creates and sends nothing.
+pub async fn probe(cfg: &StreamConfig) -> Result<Vec<Probe>, String> {
     let t = cfg.connect_timeout;
     let mut conn = Conn::open(&cfg.endpoint, "odoo-cdc check", t)
         .await
         .map_err(|e| e.replace(&cfg.endpoint.password, "***"))?;
-    let r = conn
-        .query_publisher_sequence(t, &cfg.producer, &cfg.stream)
-        .await?;
-    let probe = match r.code {
-        wire::OK => Probe {
-            stream_exists: true,
-            last_publishing_id: Reader::new(&r.body).u64()?,
-        },
-        wire::STREAM_DOES_NOT_EXIST => Probe {
-            stream_exists: false,
-            last_publishing_id: 0,
-        },
-        code => {
-            return Err(format!(
-                "querying the producer's sequence: {}",
-                wire::code_text(code)
-            ));
-        }
-    };
-    conn.close(t, "check done").await;
-    Ok(probe)
-}
-
-/// The named producer (exactly-once) and the unnamed one (at-least-once).
-const NAMED: u8 = 0;
-const UNNAMED: u8 = 1;
-
-type Outcome = Result<(), SinkError>;
-
-struct Waiting {
-    message_id: String,
-    done: oneshot::Sender<Outcome>,
-}
-
-#[derive(Default)]
-struct State {
-    waiting: HashMap<(u8, u64), Waiting>,
-    /// Why the connection is gone, once it is.
-    closed: Option<String>,
-}
-
-impl State {
-    /// Marks the connection dead and fails everything still waiting.
-    fn fail(&mut self, reason: String) {
-        if self.closed.is_none() {
-            self.closed = Some(reason.clone());
-        }
-        for (_, w) in self.waiting.drain() {
-            let _ = w.done.send(Err(SinkError::Closed(reason.clone())));
-        }
+    let mut probes = Vec::new();
+    for (stream, producer) in cfg.streams().into_iter().zip(cfg.producers()) {
+        let r = conn.query_publisher_sequence(t, &producer, &stream).await?;
+        let (stream_exists, last_publishing_id) = match r.code {
+            wire::OK => (true, Reader::new(&r.body).u64()?),
+            wire::STREAM_DOES_NOT_EXIST => (false, 0),
+            code => {
+                return Err(format!(
+                    "querying the producer's sequence on {stream:?}: {}",
+                    wire::code_text(code)
+                ));
+            }
+        };
+        probes.push(Probe {
+            stream,
+            producer,
+            stream_exists,
+            last_publishing_id,
+        });
     }
+    conn.close(t, "check done").await;
+    Ok(probes)
 }
 
-type Shared = Arc<Mutex<State>>;
-
-enum Out {
-    Message {
-        publisher: u8,
-        id: u64,
-        data: Vec<u8>,
-    },
-    Close,
+/// One stream written: its producers' ids on the connection (`2i` named,
+/// exactly-once; `2i + 1` unnamed, at-least-once) and where they stand.
+struct Producer {
+    named: u8,
+    /// The last id the broker had stored for the named producer when we connected.
+    stored: u64,
+    /// The last named id sent in this session, to catch a broken assumption.
+    last_sent: u64,
+    next_unnamed: u64,
 }
 
-/// A connection with both producers declared.
+/// A connection with the producers of every stream written declared.
 pub struct StreamSink {
     out: mpsc::UnboundedSender<Out>,
     state: Shared,
     writer: JoinHandle<()>,
     reader: JoinHandle<()>,
-    /// The last id the broker had stored for our producer when we connected.
-    stored: u64,
-    /// The last named id sent in this session, to catch a broken assumption.
-    last_sent: u64,
+    /// By partition (one entry for a plain stream).
+    producers: Vec<Producer>,
     /// Replayed changes confirmed without sending: the broker had them.
     skipped: u64,
+    /// Whether this session sent a change yet (to log the skipped ones once).
+    sent_any: bool,
     stats: Arc<StreamStats>,
-    next_unnamed: u64,
     frame_max: usize,
     confirm_timeout: Duration,
     connect_timeout: Duration,
@@ -287,9 +401,9 @@ pub struct StreamSink {
 }
 
 impl StreamSink {
-    /// Connects, creates the stream unless it exists (or checks it does, with
-    /// declaring off), declares the producers and asks for the named one's
-    /// last stored id.
+    /// Connects, creates the streams unless they exist (or checks they do,
+    /// with declaring off) and, with partitions, the super stream's exchange;
+    /// declares the producers and asks for each named one's last stored id.
     pub async fn connect(cfg: StreamConfig) -> Result<Self, SinkError> {
         let url = cfg.redacted_url();
         let t = cfg.connect_timeout;
@@ -300,61 +414,84 @@ impl StreamSink {
         let mut conn = Conn::open(&cfg.endpoint, &cfg.connection_name, t)
             .await
             .map_err(fail)?;
+        let streams = cfg.streams();
         if cfg.declare {
-            let r = conn
-                .call(t, "creating the stream", |c| {
-                    Frame::new(wire::CREATE).u32(c).str(&cfg.stream).u32(0)
-                })
-                .await
-                .map_err(fail)?;
-            if r.code != wire::OK && r.code != wire::STREAM_ALREADY_EXISTS {
-                return Err(fail(format!(
-                    "creating stream {:?}: {}",
-                    cfg.stream,
-                    wire::code_text(r.code)
-                )));
+            for stream in &streams {
+                let r = conn
+                    .call(t, "creating the stream", |c| {
+                        Frame::new(wire::CREATE).u32(c).str(stream).u32(0)
+                    })
+                    .await
+                    .map_err(fail)?;
+                if r.code != wire::OK && r.code != wire::STREAM_ALREADY_EXISTS {
+                    return Err(fail(format!(
+                        "creating stream {stream:?}: {}",
+                        wire::code_text(r.code)
+                    )));
+                }
+            }
+            if cfg.partitions > 0 {
+                let uri = cfg.amqp_uri();
+                partition::declare_exchange(&uri, &cfg.stream, streams.len(), t)
+                    .await
+                    .map_err(|e| {
+                        fail(format!(
+                            "{e} (the super stream's exchange is declared over AMQP at {}; \
+                             give --amqp, or --no-declare and create it yourself)",
+                            partition::describe(&uri)
+                        ))
+                    })?;
             }
         }
-        for (id, reference) in [(NAMED, cfg.producer.as_str()), (UNNAMED, "")] {
+        let mut producers = Vec::with_capacity(streams.len());
+        let mut stored_ids = Vec::with_capacity(streams.len());
+        for (i, (stream, producer)) in streams.iter().zip(cfg.producers()).enumerate() {
+            let named = (2 * i) as u8;
+            for (id, reference) in [(named, producer.as_str()), (named + 1, "")] {
+                let r = conn
+                    .call(t, "declaring the producer", |c| {
+                        Frame::new(wire::DECLARE_PUBLISHER)
+                            .u32(c)
+                            .u8(id)
+                            .str(reference)
+                            .str(stream)
+                    })
+                    .await
+                    .map_err(fail)?;
+                if r.code != wire::OK {
+                    return Err(fail(format!(
+                        "declaring a producer on stream {stream:?}: {}{}",
+                        wire::code_text(r.code),
+                        if cfg.declare {
+                            ""
+                        } else {
+                            " (with --no-declare the stream must exist)"
+                        }
+                    )));
+                }
+            }
             let r = conn
-                .call(t, "declaring the producer", |c| {
-                    Frame::new(wire::DECLARE_PUBLISHER)
-                        .u32(c)
-                        .u8(id)
-                        .str(reference)
-                        .str(&cfg.stream)
-                })
+                .query_publisher_sequence(t, &producer, stream)
                 .await
                 .map_err(fail)?;
-            if r.code != wire::OK {
-                return Err(fail(format!(
-                    "declaring a producer on stream {:?}: {}{}",
-                    cfg.stream,
-                    wire::code_text(r.code),
-                    if cfg.declare {
-                        ""
-                    } else {
-                        " (with --no-declare the stream must exist)"
-                    }
-                )));
-            }
+            wire::expect_ok("querying the producer's sequence", r.code).map_err(fail)?;
+            let stored = Reader::new(&r.body).u64().map_err(fail)?;
+            info!(
+                url = %url,
+                stream = %stream,
+                producer = %producer,
+                last_publishing_id = stored,
+                "connected to the RabbitMQ stream"
+            );
+            stored_ids.push(stored);
+            producers.push(Producer {
+                named,
+                stored,
+                last_sent: stored,
+                next_unnamed: 0,
+            });
         }
-        let r = conn
-            .query_publisher_sequence(t, &cfg.producer, &cfg.stream)
-            .await
-            .map_err(fail)?;
-        wire::expect_ok("querying the producer's sequence", r.code).map_err(fail)?;
-        let stored = Reader::new(&r.body).u64().map_err(fail)?;
-        cfg.stats
-            .stored_publishing_id
-            .store(stored, Ordering::Relaxed);
-        info!(
-            url = %url,
-            stream = %cfg.stream,
-            producer = %cfg.producer,
-            last_publishing_id = stored,
-            "connected to the RabbitMQ stream"
-        );
+        cfg.stats.connected(&streams, &stored_ids);
 
         let state = Shared::default();
         let (out, rx) = mpsc::unbounded_channel();
@@ -363,24 +500,23 @@ impl StreamSink {
         let silence =
             (conn.heartbeat > 0).then(|| Duration::from_secs(u64::from(conn.heartbeat) * 2 + 5));
         let Conn { read, write, .. } = conn;
-        let writer = tokio::spawn(write_loop(
+        let writer = tokio::spawn(io::write_loop(
             rx,
             BufWriter::with_capacity(256 * 1024, write),
             Arc::clone(&state),
             heartbeat,
             frame_max,
         ));
-        let reader = tokio::spawn(read_loop(read, Arc::clone(&state), silence));
+        let reader = tokio::spawn(io::read_loop(read, Arc::clone(&state), silence));
         Ok(StreamSink {
             out,
             state,
             writer,
             reader,
-            stored,
-            last_sent: stored,
+            producers,
             skipped: 0,
+            sent_any: false,
             stats: Arc::clone(&cfg.stats),
-            next_unnamed: 0,
             frame_max,
             confirm_timeout: cfg.confirm_timeout,
             connect_timeout: t,
@@ -389,9 +525,15 @@ impl StreamSink {
     }
 
     /// The last publishing id the broker had stored for the producer when we
-    /// connected (0: none yet).
+    /// connected (0: none yet); with partitions, the highest over them.
     pub fn stored_publishing_id(&self) -> u64 {
-        self.stored
+        self.producers.iter().map(|p| p.stored).max().unwrap_or(0)
+    }
+
+    /// By partition: the last publishing id its producer had stored when we
+    /// connected.
+    pub fn stored_publishing_ids(&self) -> Vec<u64> {
+        self.producers.iter().map(|p| p.stored).collect()
     }
 
     pub fn redacted_url(&self) -> &str {
@@ -408,44 +550,47 @@ impl StreamSink {
         self.state.lock().ok().and_then(|s| s.closed.clone())
     }
 
-    /// Which producer and id a message goes out with; `None`: already stored.
-    /// `standalone`: a non-transactional logical message, whose position
-    /// (the last byte of its record) can be one byte before the next commit,
-    /// closer than the id function's 32-byte resolution: it goes out
-    /// at-least-once, like snapshot rows.
+    /// Which producer of partition `p` and which id a message goes out with;
+    /// `None`: already stored. `standalone`: a non-transactional logical
+    /// message, whose position (the last byte of its record) can be one byte
+    /// before the next commit, closer than the id function's 32-byte
+    /// resolution: it goes out at-least-once, like snapshot rows.
     fn route(
         &mut self,
+        p: usize,
         message_id: &str,
         standalone: bool,
     ) -> Result<Option<(u8, u64)>, SinkError> {
         let named = wal_position(message_id)
             .filter(|_| !standalone)
             .and_then(|(lsn, seq)| publishing_id(lsn, seq));
+        let producer = &mut self.producers[p];
         match named {
-            Some(id) if id <= self.stored => {
+            Some(id) if id <= producer.stored => {
                 self.skipped += 1;
                 self.stats
                     .replayed_already_stored
                     .fetch_add(1, Ordering::Relaxed);
                 Ok(None)
             }
-            Some(id) if id <= self.last_sent => Err(SinkError::Invalid {
+            Some(id) if id <= producer.last_sent => Err(SinkError::Invalid {
                 message_id: message_id.to_owned(),
                 reason: format!(
                     "publishing id {id} is not above the previous one ({}); \
                      the stream's deduplication would drop it",
-                    self.last_sent
+                    producer.last_sent
                 ),
             }),
             Some(id) => {
-                if self.last_sent == self.stored && self.skipped > 0 {
+                if !self.sent_any && self.skipped > 0 {
                     info!(
                         skipped = self.skipped,
                         "replayed changes already in the stream were confirmed without sending them"
                     );
                 }
-                self.last_sent = id;
-                Ok(Some((NAMED, id)))
+                self.sent_any = true;
+                producer.last_sent = id;
+                Ok(Some((producer.named, id)))
             }
             None => {
                 if wal_position(message_id).is_some() {
@@ -454,10 +599,56 @@ impl StreamSink {
                         "change beyond the publishing id's limits: sent at-least-once (see docs/streams.md)"
                     );
                 }
-                self.next_unnamed += 1;
-                Ok(Some((UNNAMED, self.next_unnamed)))
+                producer.next_unnamed += 1;
+                Ok(Some((producer.named + 1, producer.next_unnamed)))
             }
         }
+    }
+
+    /// Queues one encoded message for producer `publisher`; the confirm
+    /// resolves when the broker confirms it (or the connection dies).
+    fn send(
+        &mut self,
+        publisher: u8,
+        id: u64,
+        message_id: &str,
+        data: Vec<u8>,
+    ) -> Result<oneshot::Receiver<io::Outcome>, SinkError> {
+        let (done, rx) = oneshot::channel();
+        {
+            let mut state = self
+                .state
+                .lock()
+                .map_err(|_| SinkError::Closed("sink state poisoned".into()))?;
+            if let Some(reason) = &state.closed {
+                return Err(SinkError::Closed(reason.clone()));
+            }
+            state.waiting.insert(
+                (publisher, id),
+                Waiting {
+                    message_id: message_id.to_owned(),
+                    done,
+                },
+            );
+        }
+        if self
+            .out
+            .send(Out::Message {
+                publisher,
+                id,
+                data,
+            })
+            .is_err()
+        {
+            return Err(SinkError::Closed(
+                self.closed_reason()
+                    .unwrap_or_else(|| "stream connection writer stopped".into()),
+            ));
+        }
+        if self.producers.len() > 1 {
+            self.stats.sent(io::stream_of(publisher));
+        }
+        Ok(rx)
     }
 }
 
@@ -470,9 +661,23 @@ impl Drop for StreamSink {
 
 impl Sink for StreamSink {
     async fn publish(&mut self, msg: OutgoingMessage) -> Result<Confirm, SinkError> {
-        let Some((publisher, id)) = self.route(&msg.message_id, standalone(&msg))? else {
-            return Ok(Confirm::Pending(Box::pin(std::future::ready(Ok(())))));
+        let partitions = match self.producers.len() {
+            1 => 0..1,
+            n => match partition::target(&msg, n) {
+                Target::One(p) => p..p + 1,
+                Target::All => 0..n,
+            },
         };
+        let standalone = standalone(&msg);
+        let mut routes = Vec::with_capacity(partitions.len());
+        for p in partitions {
+            if let Some(route) = self.route(p, &msg.message_id, standalone)? {
+                routes.push(route);
+            }
+        }
+        if routes.is_empty() {
+            return Ok(Confirm::Pending(Box::pin(std::future::ready(Ok(())))));
+        }
         let data = amqp::encode(&amqp::Parts {
             message_id: &msg.message_id,
             subject: &msg.kind,
@@ -495,49 +700,35 @@ impl Sink for StreamSink {
                 ),
             });
         }
-        let (done, rx) = oneshot::channel();
-        {
-            let mut state = self
-                .state
-                .lock()
-                .map_err(|_| SinkError::Closed("sink state poisoned".into()))?;
-            if let Some(reason) = &state.closed {
-                return Err(SinkError::Closed(reason.clone()));
-            }
-            state.waiting.insert(
-                (publisher, id),
-                Waiting {
-                    message_id: msg.message_id.clone(),
-                    done,
-                },
-            );
-        }
-        if self
-            .out
-            .send(Out::Message {
-                publisher,
-                id,
-                data,
-            })
-            .is_err()
-        {
-            return Err(SinkError::Closed(
-                self.closed_reason()
-                    .unwrap_or_else(|| "stream connection writer stopped".into()),
-            ));
+        let last = routes.len() - 1;
+        let mut data = Some(data);
+        let mut waits = Vec::with_capacity(routes.len());
+        for (n, (publisher, id)) in routes.into_iter().enumerate() {
+            let bytes = if n == last {
+                data.take().unwrap_or_default()
+            } else {
+                data.clone().unwrap_or_default()
+            };
+            waits.push(self.send(publisher, id, &msg.message_id, bytes)?);
         }
         let deadline = Instant::now() + self.confirm_timeout;
         let timeout_ms = self.confirm_timeout.as_millis() as u64;
         let message_id = msg.message_id;
         Ok(Confirm::Pending(Box::pin(async move {
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(_)) => Err(SinkError::Closed("stream connection closed".into())),
-                Err(_) => Err(SinkError::ConfirmTimeout {
-                    message_id,
-                    timeout_ms,
-                }),
+            // A truncate goes to every partition: confirmed once all have it.
+            for rx in waits {
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(outcome)) => outcome?,
+                    Ok(Err(_)) => return Err(SinkError::Closed("stream connection closed".into())),
+                    Err(_) => {
+                        return Err(SinkError::ConfirmTimeout {
+                            message_id,
+                            timeout_ms,
+                        });
+                    }
+                }
             }
+            Ok(())
         })))
     }
 
@@ -557,194 +748,6 @@ impl Sink for StreamSink {
         let reader = std::mem::replace(&mut self.reader, tokio::spawn(async {}));
         let _ = tokio::time::timeout(self.connect_timeout, reader).await;
         Ok(())
-    }
-}
-
-/// Sends what `publish` queued, batching what is ready into one Publish frame
-/// per producer, and a heartbeat when idle.
-async fn write_loop(
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    mut w: BufWriter<OwnedWriteHalf>,
-    state: Shared,
-    heartbeat: Duration,
-    frame_max: usize,
-) {
-    let mut tick = tokio::time::interval(heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut pending: Option<Out> = None;
-    loop {
-        let first = match pending.take() {
-            Some(o) => o,
-            None => tokio::select! {
-                o = rx.recv() => match o {
-                    Some(o) => o,
-                    None => return,
-                },
-                _ = tick.tick() => {
-                    let hb = Frame::new(wire::HEARTBEAT).finish();
-                    if let Err(e) = write_flush(&mut w, &hb).await {
-                        fail(&state, format!("stream connection write failed: {e}"));
-                        return;
-                    }
-                    continue;
-                }
-            },
-        };
-        let publisher = match first {
-            Out::Close => {
-                let close = wire::close_frame("odoo-cdc shutting down");
-                let _ = write_flush(&mut w, &close).await;
-                return;
-            }
-            Out::Message {
-                publisher,
-                id,
-                data,
-            } => {
-                batch.push((id, data));
-                publisher
-            }
-        };
-        // header: size, key, version, publisher id, count
-        let mut size = 4 + 4 + 1 + 4 + 12 + batch[0].1.len();
-        while size < frame_max && batch.len() < 4096 {
-            match rx.try_recv() {
-                Ok(Out::Message {
-                    publisher: p,
-                    id,
-                    data,
-                }) if p == publisher && size + 12 + data.len() <= frame_max => {
-                    size += 12 + data.len();
-                    batch.push((id, data));
-                }
-                Ok(other) => {
-                    pending = Some(other);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        let mut frame = Frame::new(wire::PUBLISH)
-            .u8(publisher)
-            .u32(batch.len() as u32);
-        for (id, data) in batch.drain(..) {
-            frame = frame.u64(id).bytes(&data);
-        }
-        let frame = frame.finish();
-        let more = pending.is_some() || !rx.is_empty();
-        let r = if more {
-            w.write_all(&frame).await
-        } else {
-            write_flush(&mut w, &frame).await
-        };
-        if let Err(e) = r {
-            fail(&state, format!("stream connection write failed: {e}"));
-            return;
-        }
-        tick.reset();
-    }
-}
-
-async fn write_flush(w: &mut BufWriter<OwnedWriteHalf>, frame: &[u8]) -> std::io::Result<()> {
-    w.write_all(frame).await?;
-    w.flush().await
-}
-
-fn fail(state: &Shared, reason: String) {
-    if let Ok(mut s) = state.lock() {
-        s.fail(reason);
-    }
-}
-
-/// Resolves confirms and errors as the broker reports them; ends (failing
-/// whatever still waits) when the connection does.
-///
-/// The broker sends a heartbeat when it has nothing else to send, so `silence`
-/// (two heartbeat periods) without a frame means the connection is dead.
-async fn read_loop(
-    mut read: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
-    state: Shared,
-    silence: Option<Duration>,
-) {
-    let reason = loop {
-        let next = wire::read_frame(&mut read);
-        let frame = match silence {
-            Some(limit) => match tokio::time::timeout(limit, next).await {
-                Ok(r) => r,
-                Err(_) => break format!("no frame from the broker for {limit:?}"),
-            },
-            None => next.await,
-        };
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => break format!("stream connection lost: {e}"),
-        };
-        match handle_frame(&frame, &state) {
-            Ok(None) => {}
-            Ok(Some(reason)) => break reason,
-            Err(e) => break format!("stream protocol error: {e}"),
-        }
-    };
-    if reason == CLOSED_BY_US {
-        tracing::debug!(%reason, "stream connection ended");
-    } else {
-        warn!(%reason, "stream connection ended");
-    }
-    fail(&state, reason);
-}
-
-const CLOSED_BY_US: &str = "stream connection closed by us";
-
-/// `Some(reason)` when the connection is over.
-fn handle_frame(frame: &[u8], state: &Shared) -> Result<Option<String>, String> {
-    let mut r = Reader::new(frame);
-    let key = r.u16()?;
-    r.u16()?;
-    match key {
-        wire::PUBLISH_CONFIRM | wire::PUBLISH_ERROR => {
-            let publisher = r.u8()?;
-            let n = r.u32()?;
-            let mut s = state.lock().map_err(|_| "sink state poisoned")?;
-            for _ in 0..n {
-                let id = r.u64()?;
-                let outcome = if key == wire::PUBLISH_CONFIRM {
-                    Ok(())
-                } else {
-                    Err(r.u16()?)
-                };
-                if let Some(w) = s.waiting.remove(&(publisher, id)) {
-                    let _ = w.done.send(outcome.map_err(|code| SinkError::Broker {
-                        during: "publishing to the stream",
-                        reason: format!(
-                            "message {} refused: {}",
-                            w.message_id,
-                            wire::code_text(code)
-                        ),
-                    }));
-                }
-            }
-            Ok(None)
-        }
-        wire::CLOSE => {
-            r.u32()?;
-            let code = r.u16()?;
-            let reason = r.str()?;
-            Ok(Some(format!(
-                "the broker closed the stream connection ({}: {reason})",
-                wire::code_text(code)
-            )))
-        }
-        k if k == wire::CLOSE | wire::RESPONSE => Ok(Some("stream connection closed by us".into())),
-        wire::METADATA_UPDATE => {
-            let code = r.u16()?;
-            let stream = r.str()?;
-            Ok(Some(format!(
-                "stream {stream:?} changed ({}): reconnecting",
-                wire::code_text(code)
-            )))
-        }
-        _ => Ok(None), // heartbeats and anything else
     }
 }
 
@@ -779,6 +782,52 @@ mod tests {
             "# TYPE odoo_cdc_stream_replayed_already_stored_total counter\nodoo_cdc_stream_replayed_already_stored_total 3\n"
         ));
         assert!(out.contains("odoo_cdc_stream_stored_publishing_id 0\n"));
+        assert!(!out.contains("partition"), "{out}");
+
+        let streams = ["s-0".to_owned(), "s-1".to_owned()];
+        stats.connected(&streams, &[5, 7]);
+        stats.sent(1);
+        let mut out = String::new();
+        stats.render(&mut out);
+        assert!(
+            out.contains("odoo_cdc_stream_stored_publishing_id 7\n"),
+            "{out}"
+        );
+        assert!(out.contains("odoo_cdc_stream_partition_stored_publishing_id{stream=\"s-0\"} 5\n"));
+        assert!(out.contains("odoo_cdc_stream_partition_sent_total{stream=\"s-1\"} 1\n"));
+        assert!(out.contains("odoo_cdc_stream_partition_sent_total{stream=\"s-0\"} 0\n"));
+    }
+
+    #[test]
+    fn partitions_have_their_own_streams_and_producers() {
+        let cfg = StreamConfig::new("rabbitmq-stream://h", "odoo.cdc", "odoo-cdc-s")
+            .unwrap()
+            .with_partitions(3)
+            .unwrap();
+        assert_eq!(cfg.streams(), ["odoo.cdc-0", "odoo.cdc-1", "odoo.cdc-2"]);
+        assert_eq!(cfg.producers()[2], "odoo-cdc-s-2");
+        let one = cfg.partition(1);
+        assert_eq!((one.stream.as_str(), one.partitions), ("odoo.cdc-1", 0));
+        assert_eq!(one.streams(), ["odoo.cdc-1"]);
+        let uri = cfg.amqp_uri();
+        assert_eq!(
+            (uri.authority.host.as_str(), uri.authority.port),
+            ("h", 5672)
+        );
+        let uri = cfg
+            .with_amqp_url("amqp://u:p@other:5673/v")
+            .unwrap()
+            .amqp_uri();
+        assert_eq!(
+            (uri.authority.host.as_str(), uri.vhost.as_str()),
+            ("other", "v")
+        );
+        assert!(
+            StreamConfig::new("rabbitmq-stream://h", "s", "p")
+                .unwrap()
+                .with_partitions(129)
+                .is_err()
+        );
     }
 
     #[test]

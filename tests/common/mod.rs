@@ -519,6 +519,49 @@ pub fn change_ids<'a>(messages: impl IntoIterator<Item = &'a [u8]>) -> Vec<Strin
     ids
 }
 
+/// Like [`change_ids`], with each change's row: the relation OID and the
+/// text of the row's first column (the key of every table the callers use),
+/// from the new tuple, or the old one for a delete.
+pub fn change_rows<'a>(messages: impl IntoIterator<Item = &'a [u8]>) -> Vec<(String, u32, String)> {
+    /// The first column's text of a tuple (`n`/`u` columns: empty).
+    fn first_column(t: &[u8]) -> String {
+        // ncols u16, then kind byte, and for 't' a u32 length and the bytes
+        match t.get(2) {
+            Some(b't') => {
+                let len = u32::from_be_bytes(t[3..7].try_into().unwrap()) as usize;
+                String::from_utf8_lossy(&t[7..7 + len]).into_owned()
+            }
+            _ => String::new(),
+        }
+    }
+    let mut rows = Vec::new();
+    let (mut commit_lsn, mut seq) = (0u64, 0u32);
+    for data in messages {
+        let id = || format!("{commit_lsn:016X}-{seq:08}");
+        match data.first() {
+            Some(b'B') => {
+                commit_lsn = u64::from_be_bytes(data[1..9].try_into().unwrap());
+                seq = 0;
+            }
+            Some(op @ (b'I' | b'U' | b'D')) => {
+                let rel = u32::from_be_bytes(data[1..5].try_into().unwrap());
+                let key = match (op, data[5]) {
+                    // Insert: 'N' tuple. Delete: 'K' or 'O' tuple.
+                    (b'I' | b'D', _) => first_column(&data[6..]),
+                    // Update: the new tuple follows 'N' (after an old one, if any).
+                    (_, b'N') => first_column(&data[6..]),
+                    _ => panic!("updates of the key (an old tuple) are not in the workloads"),
+                };
+                rows.push((id(), rel, key));
+                seq += 1;
+            }
+            Some(b'T') => panic!("the workload does not truncate"),
+            _ => {}
+        }
+    }
+    rows
+}
+
 /// `odoo-cdc run` arguments for the fault tests: database `db` of a private
 /// cluster and the broker both reached through proxies, an existing
 /// `publication`, `slot` created if missing, no snapshot and no Odoo profile

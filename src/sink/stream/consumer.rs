@@ -1,12 +1,175 @@
 //! A small stream reader: subscribes from an offset and decodes what the
-//! broker delivers. For tests and for checking a stream by hand; consumers in
-//! production would use a full client library.
+//! broker delivers, either until the stream has been quiet for a while
+//! ([`read_stream`], for tests and for checking a stream by hand) or for as
+//! long as the caller wants, following new messages as they are stored
+//! ([`Subscription`], for services that replay a stream and then stay live,
+//! like `examples/stream_replay.rs`). A production consumer with needs
+//! beyond that (single active consumer, server-side offsets, TLS) would use a
+//! full client library.
 
 use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::StreamConfig;
 use super::amqp::{self, StreamMessage};
 use super::wire::{self, Conn, Frame, Reader};
+
+/// Chunks the broker may send ahead of what we have read.
+const CREDIT: u16 = 16;
+
+/// A subscription to one stream, from an offset on: the stream's history
+/// first, then each message as the broker stores it.
+pub struct Subscription {
+    write: tokio::net::tcp::OwnedWriteHalf,
+    frames: mpsc::Receiver<Result<Vec<u8>, String>>,
+    reader: JoinHandle<()>,
+    /// The next offset wanted: anything below it is skipped.
+    next: u64,
+    /// Send a heartbeat when we wrote nothing for this long (`None`: the
+    /// broker wants none).
+    heartbeat: Option<Duration>,
+    last_write: Instant,
+    timeout: Duration,
+}
+
+impl Subscription {
+    /// Connects and subscribes to `cfg.stream` from `offset` (0: the first
+    /// message the stream still holds).
+    pub async fn open(cfg: &StreamConfig, offset: u64) -> Result<Subscription, String> {
+        let t = cfg.connect_timeout;
+        let mut conn = Conn::open(cfg.endpoint(), &cfg.connection_name, t).await?;
+        let r = conn
+            .call(t, "subscribing", |c| {
+                Frame::new(wire::SUBSCRIBE)
+                    .u32(c)
+                    .u8(0)
+                    .str(&cfg.stream)
+                    .u16(4) // offset
+                    .u64(offset)
+                    .u16(CREDIT)
+                    .u32(0) // no properties
+            })
+            .await?;
+        wire::expect_ok(&format!("subscribing to {:?}", cfg.stream), r.code)?;
+        let heartbeat =
+            (conn.heartbeat > 0).then(|| Duration::from_secs(u64::from(conn.heartbeat)) / 2);
+        let Conn {
+            mut read, write, ..
+        } = conn;
+        // Reading a frame is not cancel-safe: one task reads them whole.
+        let (tx, frames) = mpsc::channel(CREDIT as usize + 8);
+        let reader = tokio::spawn(async move {
+            loop {
+                let frame = wire::read_frame(&mut read)
+                    .await
+                    .map_err(|e| format!("reading the stream: {e}"));
+                let end = frame.is_err();
+                if tx.send(frame).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Subscription {
+            write,
+            frames,
+            reader,
+            next: offset,
+            heartbeat,
+            last_write: Instant::now(),
+            timeout: t,
+        })
+    }
+
+    /// The offset after the last message delivered (where a restart resumes).
+    pub fn next_offset(&self) -> u64 {
+        self.next
+    }
+
+    async fn send(&mut self, frame: &[u8]) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        tokio::time::timeout(self.timeout, self.write.write_all(frame))
+            .await
+            .map_err(|_| format!("write: no progress within {:?}", self.timeout))?
+            .map_err(|e| format!("write: {e}"))?;
+        self.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// The messages of the next chunk the broker delivers, waiting at most
+    /// `wait`: empty when nothing came. Keeps the connection alive (credit,
+    /// heartbeats) meanwhile. A deleted stream or a closed connection is an
+    /// error.
+    pub async fn next_batch(&mut self, wait: Duration) -> Result<Vec<StreamMessage>, String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let beat_at = self.heartbeat.map(|h| self.last_write + h);
+            let until = beat_at.map_or(deadline, |b| b.min(deadline));
+            let frame = match tokio::time::timeout_at(until, self.frames.recv()).await {
+                Err(_) if Instant::now() >= deadline => return Ok(Vec::new()),
+                Err(_) => {
+                    self.send(&Frame::new(wire::HEARTBEAT).finish()).await?;
+                    continue;
+                }
+                Ok(None) => return Err("the stream connection is gone".into()),
+                Ok(Some(frame)) => frame?,
+            };
+            let mut r = Reader::new(&frame);
+            let key = r.u16()?;
+            r.u16()?;
+            match key {
+                wire::DELIVER => {
+                    r.u8()?; // subscription id
+                    let mut out = Vec::new();
+                    read_chunk(&mut r, self.next, &mut out)?;
+                    self.send(&Frame::new(wire::CREDIT).u8(0).u16(1).finish())
+                        .await?;
+                    if let Some(last) = out.last() {
+                        self.next = last.offset + 1;
+                        return Ok(out);
+                    }
+                }
+                wire::CLOSE => {
+                    r.u32()?;
+                    let code = r.u16()?;
+                    return Err(format!(
+                        "the broker closed the connection ({}: {})",
+                        wire::code_text(code),
+                        r.str()?
+                    ));
+                }
+                wire::METADATA_UPDATE => {
+                    let code = r.u16()?;
+                    return Err(format!(
+                        "stream {:?} is no longer available ({})",
+                        r.str()?,
+                        wire::code_text(code)
+                    ));
+                }
+                k if k == wire::CREDIT | wire::RESPONSE => {
+                    return Err(format!(
+                        "the broker refused credit: {}",
+                        wire::code_text(r.u16()?)
+                    ));
+                }
+                _ => {} // heartbeats
+            }
+        }
+    }
+
+    /// Says goodbye (the socket closes on drop).
+    pub async fn close(mut self) {
+        let _ = self.send(&wire::close_frame("done")).await;
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
 
 /// Reads every message from `from_offset` on until the broker has sent
 /// nothing for `idle`, or `limit` messages came.
@@ -16,39 +179,18 @@ pub async fn read_stream(
     idle: Duration,
     limit: usize,
 ) -> Result<Vec<StreamMessage>, String> {
-    let t = cfg.connect_timeout;
-    let mut conn = Conn::open(cfg.endpoint(), "odoo-cdc reader", t).await?;
-    let r = conn
-        .call(t, "subscribing", |c| {
-            Frame::new(wire::SUBSCRIBE)
-                .u32(c)
-                .u8(0)
-                .str(&cfg.stream)
-                .u16(4) // offset
-                .u64(from_offset)
-                .u16(16) // credit, in chunks
-                .u32(0) // no properties
-        })
-        .await?;
-    wire::expect_ok("subscribing", r.code)?;
+    let mut cfg = cfg.clone();
+    cfg.connection_name = "odoo-cdc reader".into();
+    let mut sub = Subscription::open(&cfg, from_offset).await?;
     let mut out = Vec::new();
     while out.len() < limit {
-        let frame = match tokio::time::timeout(idle, wire::read_frame(&mut conn.read)).await {
-            Err(_) => break,
-            Ok(f) => f.map_err(|e| format!("reading the stream: {e}"))?,
-        };
-        let mut r = Reader::new(&frame);
-        let key = r.u16()?;
-        r.u16()?;
-        if key != wire::DELIVER {
-            continue;
+        let batch = sub.next_batch(idle).await?;
+        if batch.is_empty() {
+            break;
         }
-        r.u8()?; // subscription id
-        read_chunk(&mut r, from_offset, &mut out)?;
-        let credit = Frame::new(wire::CREDIT).u8(0).u16(1).finish();
-        conn.send(&credit, t).await?;
+        out.extend(batch);
     }
-    conn.close(t, "done").await;
+    sub.close().await;
     out.truncate(limit);
     Ok(out)
 }
