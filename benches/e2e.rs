@@ -124,7 +124,6 @@ struct Args {
 }
 
 const PUBLICATION: &str = "bench";
-const ORIGIN: &str = "bench_origin";
 /// Events per transaction-granularity message (odoo-cdc's default).
 const EVENTS_PER_PART: u64 = 1000;
 
@@ -271,7 +270,7 @@ impl Bench {
 
     async fn throughput(&self) -> anyhow::Result<Value> {
         let a = &self.args;
-        self.create_slot(ORIGIN).await?;
+        self.create_slot(&self.slot("origin")).await?;
         let big_rows = (a.rows / 4).checked_div(a.big_txns).unwrap_or(0);
         let small_txns = (a.rows - big_rows * a.big_txns) / a.txn_rows;
         eprintln!(
@@ -337,7 +336,7 @@ impl Bench {
                 samples[i].push(s);
             }
         }
-        self.drop_slot(ORIGIN).await?;
+        self.drop_slot(&self.slot("origin")).await?;
         Ok(json!({
             "workload": {
                 "changes": loaded.changes, "small_txns": small_txns, "txn_rows": a.txn_rows,
@@ -458,6 +457,13 @@ impl Bench {
         Ok(end)
     }
 
+    /// A slot name of this run: slot names are global to the cluster, and
+    /// other runs of the harness (other worktrees, the smoke test) drop
+    /// theirs by name.
+    fn slot(&self, what: &str) -> String {
+        format!("bench_{what}_{}", self.tag)
+    }
+
     async fn create_slot(&self, name: &str) -> anyhow::Result<()> {
         self.client
             .query_one(
@@ -473,10 +479,10 @@ impl Bench {
         self.client
             .query_one(
                 "SELECT pg_copy_logical_replication_slot($1, $2)::text",
-                &[&ORIGIN, &name],
+                &[&self.slot("origin"), &name],
             )
             .await
-            .with_context(|| format!("copying slot {ORIGIN} to {name}"))?;
+            .with_context(|| format!("copying the origin slot to {name}"))?;
         Ok(())
     }
 
@@ -529,7 +535,7 @@ impl Bench {
     /// options (`proto`=2: streaming, messages) or the plainest ones
     /// (`proto`=1: no streaming, no messages), to show what the options cost.
     async fn walsender_ceiling(&self, loaded: &Loaded, proto: u8) -> anyhow::Result<Usage> {
-        let slot = format!("bench_recvlogical_{proto}");
+        let slot = self.slot(&format!("recvlogical_{proto}"));
         self.copy_origin(&slot).await?;
         let mut cmd = Command::new(&self.args.pg_recvlogical);
         cmd.args(["-d", &self.db_url, "--slot", &slot, "--start", "--no-loop"]);
@@ -565,7 +571,7 @@ impl Bench {
     /// `odoo-cdc tail` into a pipe the harness discards; done when every
     /// change's line has arrived.
     async fn tail(&self, loaded: &Loaded) -> anyhow::Result<Usage> {
-        let slot = "bench_tail";
+        let slot = &self.slot("tail");
         self.copy_origin(slot).await?;
         let mut cmd = Command::new(&self.args.connector);
         cmd.args(["tail", "--source", &self.db_url, "--slot", slot])
@@ -600,7 +606,7 @@ impl Bench {
         qt: &str,
         messages: u64,
     ) -> anyhow::Result<Usage> {
-        let slot = format!("bench_run_{gran}_{qt}");
+        let slot = self.slot(&format!("run_{gran}_{qt}"));
         self.copy_origin(&slot).await?;
         let exchange = format!("odoo-cdc-bench-{}-{gran}-{qt}", self.tag);
         let queue = exchange.clone();
@@ -696,7 +702,7 @@ impl Bench {
 
     async fn latency_one(&self, gran: &str, qt: &str) -> anyhow::Result<Value> {
         let a = &self.args;
-        let slot = format!("bench_latency_{gran}");
+        let slot = self.slot(&format!("latency_{gran}"));
         self.create_slot(&slot).await?;
         let exchange = format!("odoo-cdc-bench-{}-latency-{gran}", self.tag);
         let channel = self.channel().await?;
@@ -828,7 +834,7 @@ impl Bench {
             (format!("{wide} one-row transactions of {mb} MB"), "wide"),
         ] {
             let one_txn = kind == "big";
-            let slot = format!("bench_rss_{kind}");
+            let slot = self.slot(&format!("rss_{kind}"));
             self.create_slot(&slot).await?;
             eprintln!("loading {what}...");
             let changes = if kind == "wide" { wide } else { n + 1 };
