@@ -15,7 +15,10 @@
 //!   `pg_recvlogical` (the walsender ceiling, same pgoutput options as the
 //!   connector), `odoo-cdc tail`, and `odoo-cdc run` for each granularity and
 //!   queue type, each followed by a plain lapin publisher with the same message
-//!   count, size, confirm window and queue type (the broker ceiling).
+//!   count, size, confirm window and queue type (the broker ceiling). The
+//!   queue type `stream-protocol` is the stream sink instead (`run
+//!   --stream-url`, a fresh stream), followed by a plain stream-protocol
+//!   producer (the stream ceiling, `e2e/stream.rs`).
 //! - **latency**: `odoo-cdc run` streaming while transactions are committed at a
 //!   fixed rate (`--latency-rate`, default 1,000/s); a consumer compares each
 //!   message's `commit_ts` with its receive time.
@@ -42,6 +45,12 @@ use tokio_postgres::{Client, NoTls};
 
 #[path = "e2e/broker.rs"]
 mod broker;
+#[path = "e2e/stream.rs"]
+mod stream;
+
+/// The queue type that stands for the stream sink (`run --stream-url`) and
+/// the stream ceiling, rather than a queue declared over AMQP.
+const STREAM_PROTOCOL: &str = "stream-protocol";
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "odoo-cdc end-to-end benchmark against the walsender and broker ceilings")]
@@ -60,6 +69,13 @@ struct Args {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp: String,
+    /// RabbitMQ stream-protocol URL (queue type `stream-protocol`).
+    #[arg(
+        long,
+        env = "ODOO_CDC_TEST_STREAM",
+        default_value = "rabbitmq-stream://guest:guest@127.0.0.1:5552/%2f"
+    )]
+    stream_url: String,
     /// Changes in the throughput workload.
     #[arg(long, default_value_t = 200_000)]
     rows: u64,
@@ -70,8 +86,13 @@ struct Args {
     /// quarter of `--rows`.
     #[arg(long, default_value_t = 2)]
     big_txns: u64,
-    /// Queue types for `run` (comma separated: classic, quorum, stream).
-    #[arg(long, default_value = "classic,quorum,stream", value_delimiter = ',')]
+    /// Queue types for `run` (comma separated: classic, quorum, stream over
+    /// AMQP 0-9-1; stream-protocol: the stream sink, `run --stream-url`).
+    #[arg(
+        long,
+        default_value = "classic,quorum,stream,stream-protocol",
+        value_delimiter = ','
+    )]
     queues: Vec<String>,
     /// Granularities for `run` (comma separated: row, transaction).
     #[arg(long, default_value = "row,transaction", value_delimiter = ',')]
@@ -142,8 +163,21 @@ async fn main() -> anyhow::Result<()> {
         args.wide_rows = args.wide_rows.min(5);
         args.latency_seconds = args.latency_seconds.min(2);
         args.latency_rate = args.latency_rate.min(100);
+        // The first queue type, and the stream sink if asked for (a few
+        // seconds more: it has code paths of its own in the harness).
+        let stream_sink = args.queues.iter().any(|q| q == STREAM_PROTOCOL);
         args.queues.truncate(1);
+        if stream_sink && args.queues.iter().all(|q| q != STREAM_PROTOCOL) {
+            args.queues.push(STREAM_PROTOCOL.to_owned());
+        }
         args.reps = 1;
+    }
+    if let Some(q) = args
+        .queues
+        .iter()
+        .find(|q| !["classic", "quorum", "stream", STREAM_PROTOCOL].contains(&q.as_str()))
+    {
+        bail!("unknown queue type {q:?} (classic, quorum, stream, {STREAM_PROTOCOL})");
     }
     if args.txn_rows == 0 || args.rows < args.txn_rows * 10 {
         bail!("--rows must be at least ten transactions of --txn-rows rows");
@@ -364,6 +398,10 @@ impl Bench {
                 loaded.changes as f64,
                 loaded.changes,
             ),
+            Measure::Run { gran, qt, messages } if qt == STREAM_PROTOCOL => {
+                let u = self.run_stream_sink(loaded, gran).await?;
+                (u, loaded.changes as f64, *messages)
+            }
             Measure::Run { gran, qt, messages } => {
                 let u = self.run_connector(loaded, gran, qt, *messages).await?;
                 (u, loaded.changes as f64, *messages)
@@ -371,9 +409,13 @@ impl Bench {
             Measure::Broker {
                 qt, messages, size, ..
             } => {
-                let (secs, sent) = self
-                    .broker_ceiling(qt, *messages, size.round() as usize)
-                    .await?;
+                let (secs, sent) = if qt == STREAM_PROTOCOL {
+                    self.stream_ceiling(*messages, size.round() as usize)
+                        .await?
+                } else {
+                    self.broker_ceiling(qt, *messages, size.round() as usize)
+                        .await?
+                };
                 let per_msg = loaded.changes as f64 / *messages as f64;
                 let usage = Usage {
                     seconds: secs,
@@ -645,6 +687,62 @@ impl Bench {
         broker::delete(&channel, &exchange, &queue).await?;
         self.drop_slot(&slot).await?;
         Ok(usage)
+    }
+
+    /// `odoo-cdc run --stream-url` (the stream sink) draining a copy of the
+    /// origin slot into a fresh stream; done when the slot is confirmed past
+    /// the end. The stream is deleted afterwards.
+    async fn run_stream_sink(&self, loaded: &Loaded, gran: &str) -> anyhow::Result<Usage> {
+        let slot = self.slot(&format!("run_{gran}_stream_protocol"));
+        self.copy_origin(&slot).await?;
+        let name = format!("odoo-cdc-bench-{}-{gran}-{STREAM_PROTOCOL}", self.tag);
+        let mut cmd = Command::new(&self.args.connector);
+        cmd.args(["run", "--source", &self.db_url])
+            .args(["--stream-url", &self.args.stream_url, "--stream", &name])
+            .args(["--slot", &slot, "--publication", PUBLICATION])
+            .args(["--granularity", gran])
+            .args(["--window", &self.args.window.to_string()])
+            .env("ODOO_CDC_LOG", "warn");
+        let mut p = Measured::spawn(cmd, false)?;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let usage = loop {
+            if self.confirmed_lsn(&slot).await? >= loaded.end_lsn {
+                break Ok(p.usage_now());
+            }
+            if let Some(status) = p.child.try_wait()? {
+                break Err(anyhow::anyhow!("odoo-cdc run exited early: {status}"));
+            }
+            if Instant::now() > deadline {
+                break Err(anyhow::anyhow!(
+                    "odoo-cdc run did not finish within an hour"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        p.stop();
+        let cfg = odoo_cdc::sink::stream::StreamConfig::new(&self.args.stream_url, &name, "bench")
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        odoo_cdc::sink::stream::consumer::delete_stream(&cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!("deleting stream {name:?}: {e}"))?;
+        self.drop_slot(&slot).await?;
+        usage
+    }
+
+    /// The stream ceiling: `messages` (at most 100,000) of `size` bytes to a
+    /// fresh stream, same window. Returns (seconds, messages sent).
+    async fn stream_ceiling(&self, messages: u64, size: usize) -> anyhow::Result<(f64, u64)> {
+        let messages = messages.min(100_000);
+        let name = format!("odoo-cdc-bench-{}-ceiling-{STREAM_PROTOCOL}", self.tag);
+        let secs = stream::publish(
+            &self.args.stream_url,
+            &name,
+            messages,
+            size,
+            self.args.window,
+        )
+        .await?;
+        Ok((secs, messages))
     }
 
     fn run_command(&self, slot: &str, exchange: &str, gran: &str) -> Command {
@@ -1086,7 +1184,8 @@ enum Measure {
         qt: String,
         messages: u64,
     },
-    /// A plain lapin publisher with `run`'s message count, size and window.
+    /// A plain lapin publisher with `run`'s message count, size and window;
+    /// for `stream-protocol`, a plain stream-protocol producer (`e2e/stream.rs`).
     Broker {
         gran: String,
         qt: String,
@@ -1106,6 +1205,9 @@ impl Measure {
             }
             Measure::Tail => "odoo-cdc tail > pipe".into(),
             Measure::Run { gran, qt, .. } => format!("odoo-cdc run {gran} {qt}"),
+            Measure::Broker { gran, qt, .. } if qt == STREAM_PROTOCOL => {
+                format!("broker ceiling stream protocol ({gran} messages)")
+            }
             Measure::Broker { gran, qt, .. } => format!("broker ceiling {qt} ({gran} messages)"),
         }
     }
