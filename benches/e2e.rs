@@ -264,6 +264,15 @@ impl Bench {
     }
 
     async fn cleanup(&self) {
+        // This session's temporary slots are active: DROP DATABASE would
+        // refuse while they exist.
+        let _ = self
+            .client
+            .batch_execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE temporary AND active_pid = pg_backend_pid()",
+            )
+            .await;
         let _ = self
             .admin
             .batch_execute(&format!(
@@ -304,7 +313,7 @@ impl Bench {
 
     async fn throughput(&self) -> anyhow::Result<Value> {
         let a = &self.args;
-        self.create_slot(&self.slot("origin")).await?;
+        self.create_held_slot(&self.slot("origin")).await?;
         let big_rows = (a.rows / 4).checked_div(a.big_txns).unwrap_or(0);
         let small_txns = (a.rows - big_rows * a.big_txns) / a.txn_rows;
         eprintln!(
@@ -370,7 +379,7 @@ impl Bench {
                 samples[i].push(s);
             }
         }
-        self.drop_slot(&self.slot("origin")).await?;
+        self.drop_held_slot(&self.slot("origin")).await?;
         Ok(json!({
             "workload": {
                 "changes": loaded.changes, "small_txns": small_txns, "txn_rows": a.txn_rows,
@@ -517,15 +526,44 @@ impl Bench {
         Ok(())
     }
 
-    async fn copy_origin(&self, name: &str) -> anyhow::Result<()> {
+    /// A temporary slot of the harness' own session. It shows as active
+    /// for as long as the session lives, so nothing that drops inactive
+    /// slots takes it away in the minutes it only holds WAL
+    /// (`scripts/services.sh up`, run by anyone on a shared machine, drops
+    /// every inactive slot of the cluster), and it goes if the harness dies.
+    async fn create_held_slot(&self, name: &str) -> anyhow::Result<()> {
         self.client
             .query_one(
-                "SELECT pg_copy_logical_replication_slot($1, $2)::text",
-                &[&self.slot("origin"), &name],
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput', true)::text",
+                &[&name],
             )
             .await
-            .with_context(|| format!("copying the origin slot to {name}"))?;
+            .with_context(|| format!("creating temporary slot {name}"))?;
         Ok(())
+    }
+
+    async fn drop_held_slot(&self, name: &str) -> anyhow::Result<()> {
+        self.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+            .await
+            .with_context(|| format!("dropping temporary slot {name}"))?;
+        Ok(())
+    }
+
+    /// A persistent copy `to` of slot `from` (which may be temporary).
+    async fn copy_slot(&self, from: &str, to: &str) -> anyhow::Result<()> {
+        self.client
+            .query_one(
+                "SELECT pg_copy_logical_replication_slot($1, $2, false)::text",
+                &[&from, &to],
+            )
+            .await
+            .with_context(|| format!("copying slot {from} to {to}"))?;
+        Ok(())
+    }
+
+    async fn copy_origin(&self, name: &str) -> anyhow::Result<()> {
+        self.copy_slot(&self.slot("origin"), name).await
     }
 
     /// Drops a slot once its walsender has gone (up to 30 s).
@@ -933,7 +971,10 @@ impl Bench {
         ] {
             let one_txn = kind == "big";
             let slot = self.slot(&format!("rss_{kind}"));
-            self.create_slot(&slot).await?;
+            // Held while loading (minutes at 1M rows), copied when the
+            // connector starts.
+            let held = self.slot(&format!("rss_{kind}_held"));
+            self.create_held_slot(&held).await?;
             eprintln!("loading {what}...");
             let changes = if kind == "wide" { wide } else { n + 1 };
             if kind == "wide" {
@@ -969,6 +1010,8 @@ impl Bench {
                     .await?;
             }
             let end_lsn = self.mark_end().await?;
+            self.copy_slot(&held, &slot).await?;
+            self.drop_held_slot(&held).await?;
             // A classic queue capped at 10,000 messages (oldest dropped, still
             // confirmed): the broker is not what is measured here, and a
             // million persistent messages would load it for everyone else.
