@@ -15,7 +15,10 @@
 //!   `pg_recvlogical` (the walsender ceiling, same pgoutput options as the
 //!   connector), `odoo-cdc tail`, and `odoo-cdc run` for each granularity and
 //!   queue type, each followed by a plain lapin publisher with the same message
-//!   count, size, confirm window and queue type (the broker ceiling).
+//!   count, size, confirm window and queue type (the broker ceiling). The
+//!   queue type `stream-protocol` is the stream sink instead (`run
+//!   --stream-url`, a fresh stream), followed by a plain stream-protocol
+//!   producer (the stream ceiling, `e2e/stream.rs`).
 //! - **latency**: `odoo-cdc run` streaming while transactions are committed at a
 //!   fixed rate (`--latency-rate`, default 1,000/s); a consumer compares each
 //!   message's `commit_ts` with its receive time.
@@ -42,6 +45,12 @@ use tokio_postgres::{Client, NoTls};
 
 #[path = "e2e/broker.rs"]
 mod broker;
+#[path = "e2e/stream.rs"]
+mod stream;
+
+/// The queue type that stands for the stream sink (`run --stream-url`) and
+/// the stream ceiling, rather than a queue declared over AMQP.
+const STREAM_PROTOCOL: &str = "stream-protocol";
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "odoo-cdc end-to-end benchmark against the walsender and broker ceilings")]
@@ -60,6 +69,13 @@ struct Args {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp: String,
+    /// RabbitMQ stream-protocol URL (queue type `stream-protocol`).
+    #[arg(
+        long,
+        env = "ODOO_CDC_TEST_STREAM",
+        default_value = "rabbitmq-stream://guest:guest@127.0.0.1:5552/%2f"
+    )]
+    stream_url: String,
     /// Changes in the throughput workload.
     #[arg(long, default_value_t = 200_000)]
     rows: u64,
@@ -70,8 +86,13 @@ struct Args {
     /// quarter of `--rows`.
     #[arg(long, default_value_t = 2)]
     big_txns: u64,
-    /// Queue types for `run` (comma separated: classic, quorum, stream).
-    #[arg(long, default_value = "classic,quorum,stream", value_delimiter = ',')]
+    /// Queue types for `run` (comma separated: classic, quorum, stream over
+    /// AMQP 0-9-1; stream-protocol: the stream sink, `run --stream-url`).
+    #[arg(
+        long,
+        default_value = "classic,quorum,stream,stream-protocol",
+        value_delimiter = ','
+    )]
     queues: Vec<String>,
     /// Granularities for `run` (comma separated: row, transaction).
     #[arg(long, default_value = "row,transaction", value_delimiter = ',')]
@@ -124,7 +145,6 @@ struct Args {
 }
 
 const PUBLICATION: &str = "bench";
-const ORIGIN: &str = "bench_origin";
 /// Events per transaction-granularity message (odoo-cdc's default).
 const EVENTS_PER_PART: u64 = 1000;
 
@@ -143,8 +163,21 @@ async fn main() -> anyhow::Result<()> {
         args.wide_rows = args.wide_rows.min(5);
         args.latency_seconds = args.latency_seconds.min(2);
         args.latency_rate = args.latency_rate.min(100);
+        // The first queue type, and the stream sink if asked for (a few
+        // seconds more: it has code paths of its own in the harness).
+        let stream_sink = args.queues.iter().any(|q| q == STREAM_PROTOCOL);
         args.queues.truncate(1);
+        if stream_sink && args.queues.iter().all(|q| q != STREAM_PROTOCOL) {
+            args.queues.push(STREAM_PROTOCOL.to_owned());
+        }
         args.reps = 1;
+    }
+    if let Some(q) = args
+        .queues
+        .iter()
+        .find(|q| !["classic", "quorum", "stream", STREAM_PROTOCOL].contains(&q.as_str()))
+    {
+        bail!("unknown queue type {q:?} (classic, quorum, stream, {STREAM_PROTOCOL})");
     }
     if args.txn_rows == 0 || args.rows < args.txn_rows * 10 {
         bail!("--rows must be at least ten transactions of --txn-rows rows");
@@ -231,6 +264,15 @@ impl Bench {
     }
 
     async fn cleanup(&self) {
+        // This session's temporary slots are active: DROP DATABASE would
+        // refuse while they exist.
+        let _ = self
+            .client
+            .batch_execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE temporary AND active_pid = pg_backend_pid()",
+            )
+            .await;
         let _ = self
             .admin
             .batch_execute(&format!(
@@ -271,7 +313,7 @@ impl Bench {
 
     async fn throughput(&self) -> anyhow::Result<Value> {
         let a = &self.args;
-        self.create_slot(ORIGIN).await?;
+        self.create_held_slot(&self.slot("origin")).await?;
         let big_rows = (a.rows / 4).checked_div(a.big_txns).unwrap_or(0);
         let small_txns = (a.rows - big_rows * a.big_txns) / a.txn_rows;
         eprintln!(
@@ -337,7 +379,7 @@ impl Bench {
                 samples[i].push(s);
             }
         }
-        self.drop_slot(ORIGIN).await?;
+        self.drop_held_slot(&self.slot("origin")).await?;
         Ok(json!({
             "workload": {
                 "changes": loaded.changes, "small_txns": small_txns, "txn_rows": a.txn_rows,
@@ -365,6 +407,10 @@ impl Bench {
                 loaded.changes as f64,
                 loaded.changes,
             ),
+            Measure::Run { gran, qt, messages } if qt == STREAM_PROTOCOL => {
+                let u = self.run_stream_sink(loaded, gran).await?;
+                (u, loaded.changes as f64, *messages)
+            }
             Measure::Run { gran, qt, messages } => {
                 let u = self.run_connector(loaded, gran, qt, *messages).await?;
                 (u, loaded.changes as f64, *messages)
@@ -372,9 +418,13 @@ impl Bench {
             Measure::Broker {
                 qt, messages, size, ..
             } => {
-                let (secs, sent) = self
-                    .broker_ceiling(qt, *messages, size.round() as usize)
-                    .await?;
+                let (secs, sent) = if qt == STREAM_PROTOCOL {
+                    self.stream_ceiling(*messages, size.round() as usize)
+                        .await?
+                } else {
+                    self.broker_ceiling(qt, *messages, size.round() as usize)
+                        .await?
+                };
                 let per_msg = loaded.changes as f64 / *messages as f64;
                 let usage = Usage {
                     seconds: secs,
@@ -458,6 +508,13 @@ impl Bench {
         Ok(end)
     }
 
+    /// A slot name of this run: slot names are global to the cluster, and
+    /// other runs of the harness (other worktrees, the smoke test) drop
+    /// theirs by name.
+    fn slot(&self, what: &str) -> String {
+        format!("bench_{what}_{}", self.tag)
+    }
+
     async fn create_slot(&self, name: &str) -> anyhow::Result<()> {
         self.client
             .query_one(
@@ -469,15 +526,44 @@ impl Bench {
         Ok(())
     }
 
-    async fn copy_origin(&self, name: &str) -> anyhow::Result<()> {
+    /// A temporary slot of the harness' own session. It shows as active
+    /// for as long as the session lives, so nothing that drops inactive
+    /// slots takes it away in the minutes it only holds WAL
+    /// (`scripts/services.sh up`, run by anyone on a shared machine, drops
+    /// every inactive slot of the cluster), and it goes if the harness dies.
+    async fn create_held_slot(&self, name: &str) -> anyhow::Result<()> {
         self.client
             .query_one(
-                "SELECT pg_copy_logical_replication_slot($1, $2)::text",
-                &[&ORIGIN, &name],
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput', true)::text",
+                &[&name],
             )
             .await
-            .with_context(|| format!("copying slot {ORIGIN} to {name}"))?;
+            .with_context(|| format!("creating temporary slot {name}"))?;
         Ok(())
+    }
+
+    async fn drop_held_slot(&self, name: &str) -> anyhow::Result<()> {
+        self.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+            .await
+            .with_context(|| format!("dropping temporary slot {name}"))?;
+        Ok(())
+    }
+
+    /// A persistent copy `to` of slot `from` (which may be temporary).
+    async fn copy_slot(&self, from: &str, to: &str) -> anyhow::Result<()> {
+        self.client
+            .query_one(
+                "SELECT pg_copy_logical_replication_slot($1, $2, false)::text",
+                &[&from, &to],
+            )
+            .await
+            .with_context(|| format!("copying slot {from} to {to}"))?;
+        Ok(())
+    }
+
+    async fn copy_origin(&self, name: &str) -> anyhow::Result<()> {
+        self.copy_slot(&self.slot("origin"), name).await
     }
 
     /// Drops a slot once its walsender has gone (up to 30 s).
@@ -529,7 +615,7 @@ impl Bench {
     /// options (`proto`=2: streaming, messages) or the plainest ones
     /// (`proto`=1: no streaming, no messages), to show what the options cost.
     async fn walsender_ceiling(&self, loaded: &Loaded, proto: u8) -> anyhow::Result<Usage> {
-        let slot = format!("bench_recvlogical_{proto}");
+        let slot = self.slot(&format!("recvlogical_{proto}"));
         self.copy_origin(&slot).await?;
         let mut cmd = Command::new(&self.args.pg_recvlogical);
         cmd.args(["-d", &self.db_url, "--slot", &slot, "--start", "--no-loop"]);
@@ -565,7 +651,7 @@ impl Bench {
     /// `odoo-cdc tail` into a pipe the harness discards; done when every
     /// change's line has arrived.
     async fn tail(&self, loaded: &Loaded) -> anyhow::Result<Usage> {
-        let slot = "bench_tail";
+        let slot = &self.slot("tail");
         self.copy_origin(slot).await?;
         let mut cmd = Command::new(&self.args.connector);
         cmd.args(["tail", "--source", &self.db_url, "--slot", slot])
@@ -600,7 +686,7 @@ impl Bench {
         qt: &str,
         messages: u64,
     ) -> anyhow::Result<Usage> {
-        let slot = format!("bench_run_{gran}_{qt}");
+        let slot = self.slot(&format!("run_{gran}_{qt}"));
         self.copy_origin(&slot).await?;
         let exchange = format!("odoo-cdc-bench-{}-{gran}-{qt}", self.tag);
         let queue = exchange.clone();
@@ -639,6 +725,62 @@ impl Bench {
         broker::delete(&channel, &exchange, &queue).await?;
         self.drop_slot(&slot).await?;
         Ok(usage)
+    }
+
+    /// `odoo-cdc run --stream-url` (the stream sink) draining a copy of the
+    /// origin slot into a fresh stream; done when the slot is confirmed past
+    /// the end. The stream is deleted afterwards.
+    async fn run_stream_sink(&self, loaded: &Loaded, gran: &str) -> anyhow::Result<Usage> {
+        let slot = self.slot(&format!("run_{gran}_stream_protocol"));
+        self.copy_origin(&slot).await?;
+        let name = format!("odoo-cdc-bench-{}-{gran}-{STREAM_PROTOCOL}", self.tag);
+        let mut cmd = Command::new(&self.args.connector);
+        cmd.args(["run", "--source", &self.db_url])
+            .args(["--stream-url", &self.args.stream_url, "--stream", &name])
+            .args(["--slot", &slot, "--publication", PUBLICATION])
+            .args(["--granularity", gran])
+            .args(["--window", &self.args.window.to_string()])
+            .env("ODOO_CDC_LOG", "warn");
+        let mut p = Measured::spawn(cmd, false)?;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let usage = loop {
+            if self.confirmed_lsn(&slot).await? >= loaded.end_lsn {
+                break Ok(p.usage_now());
+            }
+            if let Some(status) = p.child.try_wait()? {
+                break Err(anyhow::anyhow!("odoo-cdc run exited early: {status}"));
+            }
+            if Instant::now() > deadline {
+                break Err(anyhow::anyhow!(
+                    "odoo-cdc run did not finish within an hour"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        p.stop();
+        let cfg = odoo_cdc::sink::stream::StreamConfig::new(&self.args.stream_url, &name, "bench")
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        odoo_cdc::sink::stream::consumer::delete_stream(&cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!("deleting stream {name:?}: {e}"))?;
+        self.drop_slot(&slot).await?;
+        usage
+    }
+
+    /// The stream ceiling: `messages` (at most 100,000) of `size` bytes to a
+    /// fresh stream, same window. Returns (seconds, messages sent).
+    async fn stream_ceiling(&self, messages: u64, size: usize) -> anyhow::Result<(f64, u64)> {
+        let messages = messages.min(100_000);
+        let name = format!("odoo-cdc-bench-{}-ceiling-{STREAM_PROTOCOL}", self.tag);
+        let secs = stream::publish(
+            &self.args.stream_url,
+            &name,
+            messages,
+            size,
+            self.args.window,
+        )
+        .await?;
+        Ok((secs, messages))
     }
 
     fn run_command(&self, slot: &str, exchange: &str, gran: &str) -> Command {
@@ -696,7 +838,7 @@ impl Bench {
 
     async fn latency_one(&self, gran: &str, qt: &str) -> anyhow::Result<Value> {
         let a = &self.args;
-        let slot = format!("bench_latency_{gran}");
+        let slot = self.slot(&format!("latency_{gran}"));
         self.create_slot(&slot).await?;
         let exchange = format!("odoo-cdc-bench-{}-latency-{gran}", self.tag);
         let channel = self.channel().await?;
@@ -828,8 +970,11 @@ impl Bench {
             (format!("{wide} one-row transactions of {mb} MB"), "wide"),
         ] {
             let one_txn = kind == "big";
-            let slot = format!("bench_rss_{kind}");
-            self.create_slot(&slot).await?;
+            let slot = self.slot(&format!("rss_{kind}"));
+            // Held while loading (minutes at 1M rows), copied when the
+            // connector starts.
+            let held = self.slot(&format!("rss_{kind}_held"));
+            self.create_held_slot(&held).await?;
             eprintln!("loading {what}...");
             let changes = if kind == "wide" { wide } else { n + 1 };
             if kind == "wide" {
@@ -865,6 +1010,8 @@ impl Bench {
                     .await?;
             }
             let end_lsn = self.mark_end().await?;
+            self.copy_slot(&held, &slot).await?;
+            self.drop_held_slot(&held).await?;
             // A classic queue capped at 10,000 messages (oldest dropped, still
             // confirmed): the broker is not what is measured here, and a
             // million persistent messages would load it for everyone else.
@@ -1080,7 +1227,8 @@ enum Measure {
         qt: String,
         messages: u64,
     },
-    /// A plain lapin publisher with `run`'s message count, size and window.
+    /// A plain lapin publisher with `run`'s message count, size and window;
+    /// for `stream-protocol`, a plain stream-protocol producer (`e2e/stream.rs`).
     Broker {
         gran: String,
         qt: String,
@@ -1100,6 +1248,9 @@ impl Measure {
             }
             Measure::Tail => "odoo-cdc tail > pipe".into(),
             Measure::Run { gran, qt, .. } => format!("odoo-cdc run {gran} {qt}"),
+            Measure::Broker { gran, qt, .. } if qt == STREAM_PROTOCOL => {
+                format!("broker ceiling stream protocol ({gran} messages)")
+            }
             Measure::Broker { gran, qt, .. } => format!("broker ceiling {qt} ({gran} messages)"),
         }
     }
