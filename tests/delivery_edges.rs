@@ -260,16 +260,14 @@ async fn messages_too_large_for_the_broker_never_loop() {
     args.extend(["--snapshot", "never"]);
     let mut first = Proc::spawn(&args, &[]);
     common::wait_for_slot(&db).await;
-    let start = db.confirmed_flush_lsn(&db.name).await.unwrap();
     db.exec("INSERT INTO doc VALUES (1, repeat('x', 100000))")
         .await;
     let code = wait_exit(&mut first, WAIT);
     assert_eq!(code, Some(6), "a refused size is fatal with exit code 6");
-    assert_eq!(
-        db.confirmed_flush_lsn(&db.name).await.unwrap(),
-        start,
-        "nothing moved past the refused event"
-    );
+    // Nothing moved past the refused transaction: the next two runs receive
+    // row 1 again from the slot (exit 6 once more, then its envelope). The
+    // slot's LSN itself may move past WAL other tests' databases write on the
+    // shared cluster, which is safe, so it is not compared.
 
     // 2. Our limit under the broker's, transaction granularity: a transaction
     //    of 40 rows of 5 KB is cut into parts that each fit; the 100 KB row
