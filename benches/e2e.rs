@@ -408,7 +408,7 @@ impl Bench {
                 loaded.changes,
             ),
             Measure::Run { gran, qt, messages } if qt == STREAM_PROTOCOL => {
-                let u = self.run_stream_sink(loaded, gran).await?;
+                let u = self.run_stream_sink(loaded, gran, *messages).await?;
                 (u, loaded.changes as f64, *messages)
             }
             Measure::Run { gran, qt, messages } => {
@@ -728,9 +728,18 @@ impl Bench {
     }
 
     /// `odoo-cdc run --stream-url` (the stream sink) draining a copy of the
-    /// origin slot into a fresh stream; done when the slot is confirmed past
-    /// the end. The stream is deleted afterwards.
-    async fn run_stream_sink(&self, loaded: &Loaded, gran: &str) -> anyhow::Result<Usage> {
+    /// origin slot into a fresh stream. Timed to the broker's confirm of the
+    /// last message (the connector's `/metrics` counts confirms), like the
+    /// AMQP rows, which end when the queue holds every message: the slot's
+    /// confirmed LSN lags by up to the status period (0.5 s, a tenth of a
+    /// 400k-row run). Done, as a check, once the slot is confirmed past the
+    /// end. The stream is deleted afterwards.
+    async fn run_stream_sink(
+        &self,
+        loaded: &Loaded,
+        gran: &str,
+        messages: u64,
+    ) -> anyhow::Result<Usage> {
         let slot = self.slot(&format!("run_{gran}_stream_protocol"));
         self.copy_origin(&slot).await?;
         let name = format!("odoo-cdc-bench-{}-{gran}-{STREAM_PROTOCOL}", self.tag);
@@ -741,11 +750,19 @@ impl Bench {
             .args(["--granularity", gran])
             .args(["--window", &self.args.window.to_string()])
             .env("ODOO_CDC_LOG", "warn");
+        let metrics = free_port()?;
+        cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics}")]);
         let mut p = Measured::spawn(cmd, false)?;
         let deadline = Instant::now() + Duration::from_secs(3600);
+        let mut confirmed_all = None;
         let usage = loop {
-            if self.confirmed_lsn(&slot).await? >= loaded.end_lsn {
-                break Ok(p.usage_now());
+            if confirmed_all.is_none() && confirms(metrics).await.is_some_and(|n| n >= messages) {
+                confirmed_all = Some(p.usage_now());
+            }
+            if let Some(usage) = confirmed_all
+                && self.confirmed_lsn(&slot).await? >= loaded.end_lsn
+            {
+                break Ok(usage);
             }
             if let Some(status) = p.child.try_wait()? {
                 break Err(anyhow::anyhow!("odoo-cdc run exited early: {status}"));
@@ -1629,6 +1646,34 @@ fn unix_micros() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+/// A TCP port free on the loopback now.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Positive confirms the connector counted (its `/metrics` on `port`);
+/// `None` while the endpoint does not answer.
+async fn confirms(port: u16) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    };
+    let text = tokio::time::timeout(Duration::from_secs(1), get)
+        .await
+        .ok()?
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("odoo_cdc_confirm_latency_seconds_count "))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 async fn connect(url: &str) -> anyhow::Result<Client> {
