@@ -1505,16 +1505,12 @@ fn process_ticks() -> Vec<(u32, String, f64)> {
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Some((comm, ticks)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat_ticks(&stat))
+        else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = stat[open + 1..close].to_string();
-        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let ticks = f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
         out.push((pid, comm, ticks));
     }
     out
@@ -1523,11 +1519,17 @@ fn process_ticks() -> Vec<(u32, String, f64)> {
 /// utime + stime of a process, seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start at field 3.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clock_ticks())
+    Some(stat_ticks(&stat)?.1 / clock_ticks())
+}
+
+/// The command name and utime + stime (clock ticks) of a `/proc/<pid>/stat`
+/// line. The name is between the first `(` and the last `)` (it may hold
+/// spaces and parentheses); the fields after it start at field 3.
+fn stat_ticks(stat: &str) -> Option<(String, f64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let f: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some((stat[open + 1..close].to_string(), ticks))
 }
 
 fn clock_ticks() -> f64 {
