@@ -12,7 +12,8 @@
 //! identified by its `message_id` (`<commit LSN>-<seq>`). The kill -9 run is
 //! repeated with a super stream of 3 partitions (`--stream-partitions 3`):
 //! exactly once over all partitions, each change in the partition its row's
-//! key (read from the reference slot) hashes to, each partition in WAL order.
+//! key (read from the reference slot) hashes to, each partition in WAL order;
+//! so is the closed-connections run, over TLS (`rabbitmq-stream+tls://`).
 
 mod common;
 
@@ -435,7 +436,10 @@ async fn read_all(cfg: &StreamConfig, partitions: u16) -> Vec<Option<Vec<StreamM
 /// The exactly-once run: a workload, four faults, then every committed change
 /// must be in the stream (or, with `partitions`, in its row's partition)
 /// exactly once and in WAL order.
-async fn exactly_once_under(url: &str, fault: Fault<'_>, partitions: u16) {
+///
+/// `amqp` is the same broker's AMQP URL, where the super stream's exchange is
+/// declared when there are partitions.
+async fn exactly_once_under(url: &str, amqp: &str, fault: Fault<'_>, partitions: u16) {
     let db = TestDb::create("stream_eo").await;
     let reference = format!("{}_ref", db.name);
     db.exec(&format!(
@@ -452,11 +456,9 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>, partitions: u16) {
     let stream = common::unique_name("odoo-cdc-test-eo");
     let cfg = config(url, &stream);
     let n = partitions.to_string();
-    // The partitioned run uses the shared broker, whose AMQP port is this.
-    let amqp = common::amqp_url();
     let mut run_args = FAULT_RUN.to_vec();
     if partitions > 0 {
-        run_args.extend(["--stream-partitions", &n, "--amqp", &amqp]);
+        run_args.extend(["--stream-partitions", &n, "--amqp", amqp]);
     }
     let run_args = &run_args[..];
     let mut connector = spawn_connector(&db, url, &stream, run_args);
@@ -614,14 +616,14 @@ async fn exactly_once_under(url: &str, fault: Fault<'_>, partitions: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_a_workload_leaves_every_change_in_the_stream_exactly_once() {
-    exactly_once_under(&stream_url(), Fault::Kill9, 0).await;
+    exactly_once_under(&stream_url(), &common::amqp_url(), Fault::Kill9, 0).await;
 }
 
 /// The same with a super stream of 3 partitions: every change exactly once
 /// over all partitions, in its row's partition, in WAL order there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_with_partitions_leaves_every_change_exactly_once_in_its_rows_partition() {
-    exactly_once_under(&stream_url(), Fault::Kill9, 3).await;
+    exactly_once_under(&stream_url(), &common::amqp_url(), Fault::Kill9, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -632,7 +634,78 @@ async fn closed_broker_connections_leave_every_change_in_the_stream_exactly_once
     }
     let broker = PrivateBroker::start();
     let url = broker.stream_url();
-    exactly_once_under(&url, Fault::CloseAllConnections(&broker), 0).await;
+    exactly_once_under(
+        &url,
+        &broker.amqp_url(),
+        Fault::CloseAllConnections(&broker),
+        0,
+    )
+    .await;
+}
+
+/// The same over TLS (`rabbitmq-stream+tls://`, the node's own CA) with a
+/// super stream of 3 partitions: every partition's connection is cut four
+/// times mid-workload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_tls_connections_with_partitions_leave_every_change_exactly_once() {
+    if !PrivateBroker::available() {
+        eprintln!("RabbitMQ is not installed here: skipped");
+        return;
+    }
+    let broker = PrivateBroker::start();
+    let url = broker.stream_tls_url();
+    exactly_once_under(
+        &url,
+        &broker.amqp_url(),
+        Fault::CloseAllConnections(&broker),
+        3,
+    )
+    .await;
+}
+
+/// Over TLS the messages arrive as over TCP; a broker whose certificate the
+/// trust store does not vouch for is refused, naming the TLS handshake.
+#[tokio::test]
+async fn tls_connections_verify_the_brokers_certificate() {
+    if !PrivateBroker::available() {
+        eprintln!("RabbitMQ is not installed here: skipped");
+        return;
+    }
+    let broker = PrivateBroker::start();
+    let stream = common::unique_name("odoo-cdc-test-tls");
+    let cfg = config(&broker.stream_tls_url(), &stream);
+    let mut sink = StreamSink::connect(cfg.clone()).await.unwrap();
+    for seq in 0..3 {
+        confirm(sink.publish(message(0x0400_0000, seq)).await.unwrap()).await;
+    }
+    sink.close().await.unwrap();
+    let got = read_stream(&cfg, 0, Duration::from_millis(700), usize::MAX)
+        .await
+        .unwrap();
+    let ids: Vec<_> = got.iter().filter_map(|m| m.message_id.clone()).collect();
+    let want: Vec<_> = (0..3)
+        .map(|seq| message_id(Lsn(0x0400_0000), seq))
+        .collect();
+    assert_eq!(ids, want);
+
+    // The platform's trust store does not know the node's CA.
+    let untrusted = broker.stream_tls_url();
+    let untrusted = untrusted.split('?').next().unwrap();
+    let err = StreamSink::connect(config(untrusted, &stream))
+        .await
+        .err()
+        .expect("an unknown CA is refused");
+    let text = err.to_string();
+    assert!(text.contains("TLS handshake with localhost"), "{text}");
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    // Plain TCP to the TLS port is not mistaken for a broker either.
+    let plain = broker
+        .stream_tls_url()
+        .replacen("rabbitmq-stream+tls", "rabbitmq-stream", 1);
+    let plain = plain.split('?').next().unwrap();
+    let mut plain_cfg = config(plain, &stream);
+    plain_cfg.connect_timeout = Duration::from_secs(3);
+    assert!(StreamSink::connect(plain_cfg).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,5 +716,5 @@ async fn broker_restarts_leave_every_change_in_the_stream_exactly_once() {
     }
     let broker = PrivateBroker::start();
     let url = broker.stream_url();
-    exactly_once_under(&url, Fault::BrokerRestart(&broker), 0).await;
+    exactly_once_under(&url, &broker.amqp_url(), Fault::BrokerRestart(&broker), 0).await;
 }

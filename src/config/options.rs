@@ -52,7 +52,7 @@ pub const OPTIONS: &[(&str, Kind, &str)] = &[
     (
         "stream_url",
         Kind::Single,
-        "instead of --amqp: append to a RabbitMQ stream, exactly once (rabbitmq-stream://user:pass@host:5552/vhost; see docs/streams.md)",
+        "instead of --amqp: append to a RabbitMQ stream, exactly once (rabbitmq-stream://user:pass@host:5552/vhost, or rabbitmq-stream+tls://...:5551/vhost[?cacertfile=ca.pem]; see docs/streams.md)",
     ),
     (
         "stream",

@@ -44,6 +44,7 @@ pub mod amqp;
 pub mod consumer;
 mod io;
 pub mod partition;
+pub mod tls;
 pub mod wire;
 
 pub use amqp::StreamMessage;

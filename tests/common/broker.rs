@@ -5,7 +5,9 @@
 //! own scripts under `/usr/lib/rabbitmq/bin` (the `/usr/sbin` wrappers switch to
 //! the `rabbitmq` user and drop the environment that makes the node private).
 //! Dropping it stops the node and deletes its directory. The stream plugin is
-//! on, listening on a free port of its own ([`PrivateBroker::stream_url`]).
+//! on, listening on a free port of its own ([`PrivateBroker::stream_url`]),
+//! and over TLS on another ([`PrivateBroker::stream_tls_url`]) with a
+//! certificate for `localhost` from a CA made for this node.
 //!
 //! Also here: a consumer that survives the broker going away (it reconnects and
 //! keeps everything it got), which a test of broker outages needs.
@@ -25,6 +27,8 @@ pub struct PrivateBroker {
     pub port: u16,
     /// The `rabbitmq_stream` listener.
     pub stream_port: u16,
+    /// Its TLS listener.
+    pub stream_tls_port: u16,
     pub node: String,
     dist_port: u16,
 }
@@ -66,6 +70,10 @@ impl PrivateBroker {
         let port = pick_port(&[]);
         let dist_port = pick_port(&[port]);
         let stream_port = pick_port(&[port, dist_port]);
+        let stream_tls_port = pick_port(&[port, dist_port, stream_port]);
+        make_certificates(&dir);
+        let tls = dir.join("tls");
+        let tls = tls.display();
         std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_stream].\n").unwrap();
         std::fs::write(
             dir.join("rabbitmq.conf"),
@@ -74,6 +82,13 @@ impl PrivateBroker {
                  stream.listeners.tcp.1 = 127.0.0.1:{stream_port}\n\
                  stream.advertised_host = 127.0.0.1\n\
                  stream.advertised_port = {stream_port}\n\
+                 stream.listeners.ssl.1 = 127.0.0.1:{stream_tls_port}\n\
+                 stream.advertised_tls_port = {stream_tls_port}\n\
+                 ssl_options.cacertfile = {tls}/ca.crt\n\
+                 ssl_options.certfile = {tls}/server.crt\n\
+                 ssl_options.keyfile = {tls}/server.key\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n\
                  disk_free_limit.absolute = 50MB\n\
                  vm_memory_high_watermark.relative = 0.4\n"
             ),
@@ -86,6 +101,7 @@ impl PrivateBroker {
             dir,
             port,
             stream_port,
+            stream_tls_port,
             node: format!("{name}@localhost"),
             dist_port,
         };
@@ -167,6 +183,7 @@ impl PrivateBroker {
                 .success()
                 && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", self.stream_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.stream_tls_port)).is_ok()
             {
                 return;
             }
@@ -191,6 +208,21 @@ impl PrivateBroker {
             "rabbitmq-stream://guest:guest@127.0.0.1:{}/%2f",
             self.stream_port
         )
+    }
+
+    /// `rabbitmq-stream+tls://guest:guest@localhost:TLS_PORT/%2f?cacertfile=...`,
+    /// trusting this node's own CA.
+    pub fn stream_tls_url(&self) -> String {
+        format!(
+            "rabbitmq-stream+tls://guest:guest@localhost:{}/%2f?cacertfile={}",
+            self.stream_tls_port,
+            self.ca_file().display()
+        )
+    }
+
+    /// The CA that signed this node's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("tls").join("ca.crt")
     }
 
     pub fn host_port(&self) -> String {
@@ -235,6 +267,84 @@ impl PrivateBroker {
             .unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// A CA and a server certificate for `localhost` and 127.0.0.1 under
+/// `dir/tls`, made with the openssl CLI (`scripts/services.sh` installs it).
+fn make_certificates(dir: &Path) {
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    std::fs::write(
+        tls.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [Vec<&str>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "30",
+                "-subj",
+                "/CN=odoo-cdc private broker CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &[
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(&args)
+            .current_dir(&tls)
+            .output()
+            .expect("run openssl (scripts/services.sh up installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -23,7 +23,7 @@ const CREDIT: u16 = 16;
 /// A subscription to one stream, from an offset on: the stream's history
 /// first, then each message as the broker stores it.
 pub struct Subscription {
-    write: tokio::net::tcp::OwnedWriteHalf,
+    write: wire::WriteHalf,
     frames: mpsc::Receiver<Result<Vec<u8>, String>>,
     reader: JoinHandle<()>,
     /// The next offset wanted: anything below it is skipped.

@@ -7,12 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use super::super::SinkError;
-use super::wire::{self, Frame, Reader};
+use super::wire::{self, Frame, ReadHalf, Reader, WriteHalf};
 
 pub(super) type Outcome = Result<(), SinkError>;
 
@@ -115,7 +114,7 @@ const LINGER: Duration = Duration::from_micros(500);
 /// (fewer than [`BUSY`] messages at a time) is never delayed.
 pub(super) async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Out>,
-    mut w: BufWriter<OwnedWriteHalf>,
+    mut w: BufWriter<WriteHalf>,
     state: Shared,
     heartbeat: Duration,
     frame_max: usize,
@@ -203,7 +202,7 @@ pub(super) async fn write_loop(
     }
 }
 
-async fn write_flush(w: &mut BufWriter<OwnedWriteHalf>, frame: &[u8]) -> std::io::Result<()> {
+async fn write_flush(w: &mut BufWriter<WriteHalf>, frame: &[u8]) -> std::io::Result<()> {
     w.write_all(frame).await?;
     w.flush().await
 }
@@ -220,7 +219,7 @@ pub(super) fn fail(state: &Shared, reason: String) {
 /// The broker sends a heartbeat when it has nothing else to send, so `silence`
 /// (two heartbeat periods) without a frame means the connection is dead.
 pub(super) async fn read_loop(
-    mut read: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    mut read: tokio::io::BufReader<ReadHalf>,
     state: Shared,
     silence: Option<Duration>,
 ) {
@@ -235,6 +234,11 @@ pub(super) async fn read_loop(
         };
         let frame = match frame {
             Ok(f) => f,
+            // rustls reports a peer that closed without `close_notify` (what
+            // the broker does when it drops a connection) with a long text.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                break "stream connection lost: closed by the broker".to_owned();
+            }
             Err(e) => break format!("stream connection lost: {e}"),
         };
         match handle_frame(&frame, &state) {

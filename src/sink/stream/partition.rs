@@ -101,17 +101,22 @@ pub fn target(msg: &OutgoingMessage, partitions: usize) -> Target {
 }
 
 /// The AMQP 0-9-1 endpoint of the broker behind a stream URL: same host,
-/// credentials and vhost, port 5672.
+/// credentials and vhost, port 5672 (amqps on 5671 behind a TLS stream URL).
 pub fn amqp_uri_for(ep: &Endpoint) -> AMQPUri {
+    // A TLS stream URL means a broker reached over TLS: amqps on its port.
+    let (scheme, port) = match ep.tls {
+        Some(_) => (AMQPScheme::AMQPS, 5671),
+        None => (AMQPScheme::AMQP, 5672),
+    };
     AMQPUri {
-        scheme: AMQPScheme::AMQP,
+        scheme,
         authority: AMQPAuthority {
             userinfo: AMQPUserInfo {
                 username: ep.user.clone(),
                 password: ep.password.clone(),
             },
             host: ep.host.clone(),
-            port: 5672,
+            port,
         },
         vhost: ep.vhost.clone(),
         query: Default::default(),

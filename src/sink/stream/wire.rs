@@ -10,9 +10,15 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::tls::Tls;
+
+/// The receiving half of a connection, plain TCP or TLS.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The sending half of a connection, plain TCP or TLS.
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 pub const DECLARE_PUBLISHER: u16 = 0x0001;
 pub const PUBLISH: u16 = 0x0002;
@@ -177,7 +183,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Where to connect, parsed from `rabbitmq-stream://user:pass@host:port/vhost`.
+/// Where to connect, parsed from `rabbitmq-stream://user:pass@host:port/vhost`
+/// or `rabbitmq-stream+tls://...[?cacertfile=/path/ca.pem]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub host: String,
@@ -185,27 +192,60 @@ pub struct Endpoint {
     pub user: String,
     pub password: String,
     pub vhost: String,
+    /// `Some` for `rabbitmq-stream+tls://`.
+    pub tls: Option<Tls>,
 }
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls.is_some() {
+            TLS_SCHEME
+        } else {
+            SCHEME
+        };
         write!(
             f,
-            "rabbitmq-stream://{}:***@{}:{}/{}",
+            "{scheme}{}:***@{}:{}/{}",
             self.user, self.host, self.port, self.vhost
         )
     }
 }
 
 pub const SCHEME: &str = "rabbitmq-stream://";
+pub const TLS_SCHEME: &str = "rabbitmq-stream+tls://";
 
 impl Endpoint {
     /// Parses a stream URL: user and password default to guest, the port to
-    /// 5552, the vhost (percent-encoded path, `%2f` for `/`) to `/`.
+    /// 5552 (5551 with TLS), the vhost (percent-encoded path, `%2f` for `/`)
+    /// to `/`. The only query parameter is `cacertfile` (TLS only).
     pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let rest = url
-            .strip_prefix(SCHEME)
-            .ok_or_else(|| format!("expected a {SCHEME} URL"))?;
+        let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix(SCHEME) {
+            (rest, false, 5552)
+        } else if let Some(rest) = url.strip_prefix(TLS_SCHEME) {
+            (rest, true, 5551)
+        } else {
+            return Err(format!("expected a {SCHEME} or {TLS_SCHEME} URL"));
+        };
+        let rest = rest.split('#').next().unwrap_or(rest);
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut cacertfile = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "cacertfile" if tls => cacertfile = Some(percent_decode(value)?.into()),
+                "cacertfile" => {
+                    return Err(format!(
+                        "cacertfile is a TLS setting: use a {TLS_SCHEME} URL"
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?} in the stream URL (known: cacertfile)"
+                    ));
+                }
+            }
+        }
+        let tls = tls.then_some(Tls { cacertfile });
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (creds, hostport) = match authority.rsplit_once('@') {
             Some((c, h)) => (Some(c), h),
@@ -224,13 +264,12 @@ impl Endpoint {
                 p.parse::<u16>()
                     .map_err(|_| format!("invalid port {p:?} in the stream URL"))?,
             ),
-            _ => (hostport, 5552),
+            _ => (hostport, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err("the stream URL has no host".into());
         }
-        let path = path.split(['?', '#']).next().unwrap_or("");
         let vhost = if path.is_empty() {
             "/".to_owned()
         } else {
@@ -242,6 +281,7 @@ impl Endpoint {
             user,
             password,
             vhost,
+            tls,
         })
     }
 }
@@ -267,7 +307,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
 }
 
 /// Reads one frame (without its size prefix).
-pub async fn read_frame(r: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Vec<u8>> {
+pub async fn read_frame(r: &mut BufReader<ReadHalf>) -> std::io::Result<Vec<u8>> {
     let size = r.read_u32().await?;
     if !(4..=FRAME_MAX).contains(&size) {
         return Err(std::io::Error::new(
@@ -282,8 +322,8 @@ pub async fn read_frame(r: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Vec
 
 /// An open, authenticated connection, before its halves go to their tasks.
 pub struct Conn {
-    pub read: BufReader<OwnedReadHalf>,
-    pub write: OwnedWriteHalf,
+    pub read: BufReader<ReadHalf>,
+    pub write: WriteHalf,
     pub frame_max: u32,
     /// Seconds; 0 = none.
     pub heartbeat: u32,
@@ -306,7 +346,19 @@ impl Conn {
             .map_err(step("TCP connect"))?
             .map_err(|e| format!("TCP connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let (read, write) = tcp.into_split();
+        let (read, write): (ReadHalf, WriteHalf) = match &ep.tls {
+            None => {
+                let (r, w) = tcp.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Some(tls) => {
+                let stream = tokio::time::timeout(timeout, tls.connect(&ep.host, tcp))
+                    .await
+                    .map_err(step("TLS handshake"))??;
+                let (r, w) = tokio::io::split(stream);
+                (Box::new(r), Box::new(w))
+            }
+        };
         let mut conn = Conn {
             read: BufReader::with_capacity(64 * 1024, read),
             write,
@@ -507,8 +559,36 @@ mod tests {
             ("::1", 6000, "prod")
         );
         assert!(Endpoint::parse("amqp://h").is_err());
+        assert!(e.tls.is_none());
         assert!(Endpoint::parse("rabbitmq-stream://h:x").is_err());
         assert!(!format!("{e:?}").contains("guest:guest"));
+    }
+
+    #[test]
+    fn tls_urls_default_to_5551_and_take_a_ca_file() {
+        let e = Endpoint::parse("rabbitmq-stream+tls://u:p@broker.example/odoo").unwrap();
+        assert_eq!((e.port, e.vhost.as_str()), (5551, "odoo"));
+        assert_eq!(e.tls, Some(Tls { cacertfile: None }));
+        assert!(format!("{e:?}").starts_with("rabbitmq-stream+tls://u:***@"));
+        let e = Endpoint::parse(
+            "rabbitmq-stream+tls://broker.example:6551/%2f?cacertfile=/etc/ssl/my%20ca.pem",
+        )
+        .unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.vhost.as_str()),
+            ("broker.example", 6551, "/")
+        );
+        assert_eq!(
+            e.tls.unwrap().cacertfile.as_deref(),
+            Some(std::path::Path::new("/etc/ssl/my ca.pem"))
+        );
+        // Errors name what is wrong.
+        let e = Endpoint::parse("rabbitmq-stream://h?cacertfile=/ca.pem").unwrap_err();
+        assert!(e.contains("rabbitmq-stream+tls://"), "{e}");
+        let e = Endpoint::parse("rabbitmq-stream+tls://h?verify=none").unwrap_err();
+        assert!(e.contains("\"verify\""), "{e}");
+        let e = Endpoint::parse("https://h").unwrap_err();
+        assert!(e.contains("rabbitmq-stream+tls://"), "{e}");
     }
 
     #[test]
