@@ -3,8 +3,8 @@
 //! for the tests that close every broker connection or restart the broker, a
 //! private node.
 //!
-//! The exactly-once tests run `odoo-cdc run` while a workload of about 20,000
-//! changes commits, inject a fault four times (`kill -9` of the connector,
+//! The exactly-once tests run `odoo-cdc run` while a workload of 100,000
+//! changes commits, inject a fault four times, spread over the workload (`kill -9` of the connector,
 //! `rabbitmqctl close_all_connections`, or a broker restart), then read the
 //! whole stream back and compare it with a second, untouched slot on the same
 //! publication: every
@@ -316,7 +316,9 @@ async fn snapshot_rows_and_transaction_messages_reach_the_stream() {
 
 // ---- exactly once under faults ------------------------------------------
 
-const TARGET_CHANGES: u64 = 20_000;
+const TARGET_CHANGES: u64 = 100_000;
+/// Changes per second the workload commits: about 40 s in all.
+const RATE: f64 = 2_500.0;
 
 /// `<commit LSN>-<seq>` of every change the reference slot returns, in
 /// commit order, with its row's key (`item.id`).
@@ -341,6 +343,7 @@ async fn committed_changes(db: &TestDb, slot: &str) -> Vec<(String, String)> {
 fn start_workload(url: String, changes: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut client = common::connect(&url).await;
+        let started = Instant::now();
         let mut round = 0u64;
         while changes.load(Ordering::Relaxed) < TARGET_CHANGES {
             round += 1;
@@ -370,7 +373,11 @@ fn start_workload(url: String, changes: Arc<AtomicU64>) -> tokio::task::JoinHand
             }
             tx.commit().await.unwrap();
             changes.fetch_add(n, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(rand::random_range(40..120))).await;
+            // Paced, so the four faults (a broker restart takes seconds) all
+            // land while changes are being committed.
+            let due =
+                started + Duration::from_secs_f64(changes.load(Ordering::Relaxed) as f64 / RATE);
+            tokio::time::sleep_until(due.into()).await;
         }
     })
 }
@@ -468,7 +475,17 @@ async fn exactly_once_under(url: &str, amqp: &str, fault: Fault<'_>, partitions:
     let workload = start_workload(db.url.clone(), Arc::clone(&changes));
     let started = Instant::now();
     for n in 1..=4 {
-        tokio::time::sleep(Duration::from_millis(rand::random_range(800..1800))).await;
+        // Spread over the workload: fault n once about n/5 of it committed,
+        // at a random point within a tenth of it.
+        let at = TARGET_CHANGES * n / 5 - rand::random_range(0..TARGET_CHANGES / 10);
+        while changes.load(Ordering::Relaxed) < at && !workload.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!(
+            "[{:>5.1}s] fault #{n} at {} committed changes",
+            started.elapsed().as_secs_f64(),
+            changes.load(Ordering::Relaxed)
+        );
         match &fault {
             Fault::Kill9 => {
                 connector.kill9();
@@ -485,7 +502,7 @@ async fn exactly_once_under(url: &str, amqp: &str, fault: Fault<'_>, partitions:
             }
         }
         eprintln!(
-            "[{:>5.1}s] fault #{n} after {} committed changes",
+            "[{:>5.1}s] fault #{n} done at {} committed changes",
             started.elapsed().as_secs_f64(),
             changes.load(Ordering::Relaxed)
         );
