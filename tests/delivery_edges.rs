@@ -369,7 +369,10 @@ impl PipedTail {
                 "never",
             ])
             .args(extra)
-            .env("ODOO_CDC_LOG", "info,lapin=error")
+            .env(
+                "ODOO_CDC_LOG",
+                std::env::var("ODOO_CDC_TEST_TAIL_LOG").unwrap_or("info,lapin=error".into()),
+            )
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -454,11 +457,11 @@ async fn cluster_with_table(
 
 fn assert_no_replication_timeout(cluster: &PrivateCluster, tail: &PipedTail) {
     let pg_log = cluster.log();
+    let log = tail.log();
     assert!(
         !pg_log.contains("replication timeout"),
-        "the walsender timed the connector out:\n{pg_log}"
+        "the walsender timed the connector out:\n{pg_log}\nthe connector's log:\n{log}"
     );
-    let log = tail.log();
     assert!(
         !log.contains("session failed"),
         "the session failed:\n{log}"
@@ -525,8 +528,10 @@ async fn spilling_a_huge_streamed_transaction_never_times_the_walsender_out() {
         .unwrap();
     assert!(
         tail.wait_lines(rows, Duration::from_secs(240)),
-        "only {} of {rows} lines",
-        tail.lines.load(std::sync::atomic::Ordering::Relaxed)
+        "only {} of {rows} lines; the connector's log:\n{}\nthe server's log:\n{}",
+        tail.lines.load(std::sync::atomic::Ordering::Relaxed),
+        tail.log(),
+        cluster.log()
     );
     assert_no_replication_timeout(&cluster, &tail);
     assert_eq!(tail.ids.lock().unwrap().len() as u64, rows, "no replay");

@@ -12,6 +12,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Longest the reader runs before it lets the runtime poll its timers and the
+/// other tasks, the standby status reporter first of all.
+///
+/// The connector runs on one thread. While the walsender keeps the socket
+/// full, every read is ready at once, and a streamed transaction being
+/// buffered sends nothing to the publisher: the reader never waits, and tokio
+/// only makes it give way after 128 ready reads of up to 64 KiB each, then
+/// polls timers only every 61 such turns. A debug build spilling a
+/// million-row transaction on a slow machine went 5 s without a status update
+/// and the walsender (`wal_sender_timeout = 5s`) closed the connection
+/// (`tests/delivery_edges.rs`). `yield_now` defers the wake-up until the
+/// runtime has polled its driver, so due timers fire and their tasks run.
+const YIELD_EVERY: Duration = Duration::from_millis(10);
+
 use bytes::Bytes;
 
 use super::config::{OnDecodeError, SessionConfig};
@@ -100,6 +114,7 @@ impl Reader {
         let half_timeout = self.replication_timeout / 2;
         let mut silent_since_ping = false;
         let mut deadline = tokio::time::Instant::now() + half_timeout;
+        let mut yielded_at = tokio::time::Instant::now();
         loop {
             let msg = tokio::select! {
                 biased;
@@ -117,7 +132,12 @@ impl Reader {
                 }
             };
             silent_since_ping = false;
-            deadline = tokio::time::Instant::now() + half_timeout;
+            let now = tokio::time::Instant::now();
+            deadline = now + half_timeout;
+            if now - yielded_at >= YIELD_EVERY {
+                tokio::task::yield_now().await;
+                yielded_at = tokio::time::Instant::now();
+            }
             let flow = match msg {
                 None => return Err(SessionError::StreamEnded),
                 Some(ReplicationMessage::XLogData {
