@@ -56,3 +56,46 @@ async fn a_dead_status_task_ends_the_session_at_once() {
     drop(tail);
     db.cleanup().await;
 }
+
+/// A status write fails as on a cut connection (broken pipe) before the
+/// reader notices anything: that is the replication connection failing, so
+/// the session is retried from the slot like any network failure. (The
+/// connector used to treat it as an internal error and exit 1: a network cut
+/// to PostgreSQL stopped it whenever the status reporter wrote first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_status_write_is_retried_like_a_network_failure() {
+    let db = TestDb::create("fp_status_write").await;
+    db.exec(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION {} FOR ALL TABLES;",
+        db.name
+    ))
+    .await;
+    let mut tail = Proc::spawn(
+        &[
+            "tail",
+            "--source",
+            &db.url,
+            "--slot",
+            &db.name,
+            "--publication",
+            &db.name,
+            "--create-slot",
+            "--snapshot",
+            "never",
+        ],
+        &[("ODOO_CDC_FAILPOINT_STATUS_WRITE_FAILS_ONCE", "1")],
+    );
+    common::wait_for_slot(&db).await;
+    db.exec("INSERT INTO t SELECT g FROM generate_series(1, 100) g")
+        .await;
+    let inserts = |lines: &[String]| lines.iter().filter(|l| l.contains(r#""op":"c""#)).count();
+    let all = tail.collect_until(Duration::from_secs(60), |l| inserts(l) >= 100);
+    assert_eq!(
+        tail.child.try_wait().unwrap(),
+        None,
+        "the connector exited on a failed status write instead of retrying"
+    );
+    assert!(all, "only {} of 100 inserts arrived", inserts(&tail.seen));
+    drop(tail);
+    db.cleanup().await;
+}

@@ -226,12 +226,26 @@ where
         // Without status updates the walsender times us out and the slot
         // stops advancing: end the session at once instead.
         r = &mut status_task => {
-            let e = SessionError::Internal(match &r {
-                Ok(Err(e)) => format!("the standby status task failed: {e}"),
-                Ok(Ok(_)) => "the standby status task ended early".into(),
-                Err(join) => format!("the standby status task failed: {join}"),
-            });
-            status_early = Some(r);
+            let e = match r {
+                // A failed status write is the replication connection
+                // failing (a network cut shows here first when the reporter
+                // writes before the reader reads): retryable as the same
+                // error from the reader would be, not an internal error
+                // that stops the connector.
+                Ok(Err(e)) => {
+                    status_early = Some(Ok(Err(ReplicationError::Broken)));
+                    SessionError::Replication(e)
+                }
+                Ok(Ok(_)) => {
+                    status_early = Some(r);
+                    SessionError::Internal("the standby status task ended early".into())
+                }
+                Err(join) => {
+                    let e = SessionError::Internal(format!("the standby status task failed: {join}"));
+                    status_early = Some(Err(join));
+                    e
+                }
+            };
             Ended::Failed(e)
         }
         r = reader.run() => match r {

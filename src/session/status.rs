@@ -105,6 +105,19 @@ pub(crate) fn spawn(
             if std::env::var_os("ODOO_CDC_FAILPOINT_STATUS_TASK_DIES").is_some() {
                 panic!("failpoint: the standby status task dies");
             }
+            // Test builds only: the first status write of the process fails
+            // as on a cut connection (broken pipe).
+            #[cfg(feature = "failpoints")]
+            if std::env::var_os("ODOO_CDC_FAILPOINT_STATUS_WRITE_FAILS_ONCE").is_some() {
+                static FIRED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !FIRED.swap(true, Ordering::Relaxed) {
+                    return Err(ReplicationError::io(
+                        "sending a standby status update",
+                        std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+                    ));
+                }
+            }
             let lsn = progress.lsn();
             status.send_status(lsn, lsn, lsn, ask_reply).await?;
             metrics.set_confirmed_lsn(lsn);
