@@ -9,18 +9,20 @@ use std::time::{Duration, Instant};
 
 use common::{Proc, TestDb};
 
-/// The standby status task dies (a bug, a failed write): without status
-/// updates the slot stops advancing and the walsender only notices after
-/// `wal_sender_timeout`. The session must end at once instead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_status_task_ends_the_session_at_once() {
-    let db = TestDb::create("fp_status").await;
+/// A database with `t (id int PRIMARY KEY)` in a publication named after it.
+async fn table_t(prefix: &str) -> TestDb {
+    let db = TestDb::create(prefix).await;
     db.exec(&format!(
         "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION {} FOR ALL TABLES;",
         db.name
     ))
     .await;
-    let mut tail = Proc::spawn(
+    db
+}
+
+/// `odoo-cdc tail` on the database's slot and publication, `failpoint` armed.
+fn tail_with_failpoint(db: &TestDb, failpoint: &str) -> Proc {
+    Proc::spawn(
         &[
             "tail",
             "--source",
@@ -35,8 +37,17 @@ async fn a_dead_status_task_ends_the_session_at_once() {
             "--replication-timeout-secs",
             "120",
         ],
-        &[("ODOO_CDC_FAILPOINT_STATUS_TASK_DIES", "1")],
-    );
+        &[(failpoint, "1")],
+    )
+}
+
+/// The standby status task dies (a bug, a failed write): without status
+/// updates the slot stops advancing and the walsender only notices after
+/// `wal_sender_timeout`. The session must end at once instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_status_task_ends_the_session_at_once() {
+    let db = table_t("fp_status").await;
+    let mut tail = tail_with_failpoint(&db, "ODOO_CDC_FAILPOINT_STATUS_TASK_DIES");
     let started = Instant::now();
     let code = loop {
         if let Ok(Some(status)) = tail.child.try_wait() {
@@ -64,27 +75,8 @@ async fn a_dead_status_task_ends_the_session_at_once() {
 /// to PostgreSQL stopped it whenever the status reporter wrote first.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_status_write_is_retried_like_a_network_failure() {
-    let db = TestDb::create("fp_status_write").await;
-    db.exec(&format!(
-        "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION {} FOR ALL TABLES;",
-        db.name
-    ))
-    .await;
-    let mut tail = Proc::spawn(
-        &[
-            "tail",
-            "--source",
-            &db.url,
-            "--slot",
-            &db.name,
-            "--publication",
-            &db.name,
-            "--create-slot",
-            "--snapshot",
-            "never",
-        ],
-        &[("ODOO_CDC_FAILPOINT_STATUS_WRITE_FAILS_ONCE", "1")],
-    );
+    let db = table_t("fp_status_write").await;
+    let mut tail = tail_with_failpoint(&db, "ODOO_CDC_FAILPOINT_STATUS_WRITE_FAILS_ONCE");
     common::wait_for_slot(&db).await;
     db.exec("INSERT INTO t SELECT g FROM generate_series(1, 100) g")
         .await;
