@@ -219,34 +219,24 @@ where
         requests.clone(),
         metrics.clone(),
     );
-    let mut status_early = None;
+    let mut status_done = false;
     let ended = tokio::select! {
         biased;
         _ = shutdown => Ended::Shutdown,
         // Without status updates the walsender times us out and the slot
         // stops advancing: end the session at once instead.
         r = &mut status_task => {
-            let e = match r {
+            status_done = true;
+            Ended::Failed(match r {
                 // A failed status write is the replication connection
                 // failing (a network cut shows here first when the reporter
                 // writes before the reader reads): retryable as the same
                 // error from the reader would be, not an internal error
                 // that stops the connector.
-                Ok(Err(e)) => {
-                    status_early = Some(Ok(Err(ReplicationError::Broken)));
-                    SessionError::Replication(e)
-                }
-                Ok(Ok(_)) => {
-                    status_early = Some(r);
-                    SessionError::Internal("the standby status task ended early".into())
-                }
-                Err(join) => {
-                    let e = SessionError::Internal(format!("the standby status task failed: {join}"));
-                    status_early = Some(Err(join));
-                    e
-                }
-            };
-            Ended::Failed(e)
+                Ok(Err(e)) => SessionError::Replication(e),
+                Ok(Ok(_)) => SessionError::Internal("the standby status task ended early".into()),
+                Err(join) => SessionError::Internal(format!("the standby status task failed: {join}")),
+            })
         }
         r = reader.run() => match r {
             Ok(()) => Ended::PublisherStopped,
@@ -258,7 +248,7 @@ where
         publisher,
         requests,
         status_task,
-        status_early,
+        status_done,
     };
     shut_down(cfg, ended, tasks).await
 }
@@ -299,8 +289,9 @@ struct Tasks {
     publisher: PublisherTask,
     requests: Arc<Requests>,
     status_task: JoinHandle<Result<Lsn, ReplicationError>>,
-    /// The status task's result when it ended before the session did.
-    status_early: Option<Result<Result<Lsn, ReplicationError>, tokio::task::JoinError>>,
+    /// The status task ended before the session did (the session then
+    /// failed with its outcome).
+    status_done: bool,
 }
 
 /// Phase 4: stops reading, waits for the publisher to finish what it handed to
@@ -332,15 +323,14 @@ async fn shut_down(
     };
     let published = tasks.publisher.finish(grace).await;
     tasks.requests.finish();
-    let status = match tasks.status_early {
-        Some(r) => Ok(r),
-        None => {
-            let r = tokio::time::timeout(Duration::from_secs(10), &mut tasks.status_task).await;
-            if r.is_err() {
-                tasks.status_task.abort();
-            }
-            r
+    let status = if tasks.status_done {
+        None
+    } else {
+        let r = tokio::time::timeout(Duration::from_secs(10), &mut tasks.status_task).await;
+        if r.is_err() {
+            tasks.status_task.abort();
         }
+        Some(r)
     };
     drop(wal);
     if let Ended::Failed(e) = ended {
@@ -348,8 +338,8 @@ async fn shut_down(
     }
     published?;
     let confirmed = match status {
-        Ok(Ok(Ok(lsn))) => lsn,
-        Ok(Ok(Err(e))) => return Err(e.into()),
+        Some(Ok(Ok(Ok(lsn)))) => lsn,
+        Some(Ok(Ok(Err(e)))) => return Err(e.into()),
         _ => tasks.publisher.progress.lsn(),
     };
     if cfg.temporary_slot {

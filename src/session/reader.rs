@@ -12,20 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Longest the reader runs before it lets the runtime poll its timers and the
-/// other tasks, the standby status reporter first of all.
-///
-/// The connector runs on one thread. While the walsender keeps the socket
-/// full, every read is ready at once, and a streamed transaction being
-/// buffered sends nothing to the publisher: the reader never waits, and tokio
-/// only makes it give way after 128 ready reads of up to 64 KiB each, then
-/// polls timers only every 61 such turns. A debug build spilling a
-/// million-row transaction on a slow machine went 5 s without a status update
-/// and the walsender (`wal_sender_timeout = 5s`) closed the connection
-/// (`tests/delivery_edges.rs`). `yield_now` defers the wake-up until the
-/// runtime has polled its driver, so due timers fire and their tasks run.
-const YIELD_EVERY: Duration = Duration::from_millis(10);
-
 use bytes::Bytes;
 
 use super::config::{OnDecodeError, SessionConfig};
@@ -39,6 +25,20 @@ use crate::queue::{Item, ItemSender};
 use crate::replication::{ReplicationMessage, ReplicationReader};
 use crate::snapshot::incremental::Incremental;
 use crate::transaction::{Assembler, Output, TableDescriber};
+
+/// Longest the reader runs before it lets the runtime poll its timers and the
+/// other tasks, the standby status reporter first of all.
+///
+/// The connector runs on one thread. While the walsender keeps the socket
+/// full, every read is ready at once, and a streamed transaction being
+/// buffered sends nothing to the publisher: the reader never waits, and tokio
+/// only makes it give way after 128 ready reads of up to 64 KiB each, then
+/// polls timers only every 61 such turns. A debug build spilling a
+/// million-row transaction on a slow machine went 5 s without a status update
+/// and the walsender (`wal_sender_timeout = 5s`) closed the connection
+/// (`tests/delivery_edges.rs`). `yield_now` defers the wake-up until the
+/// runtime has polled its driver, so due timers fire and their tasks run.
+const YIELD_EVERY: Duration = Duration::from_millis(10);
 
 /// Whether reading goes on after an item was handed over.
 enum Flow {
