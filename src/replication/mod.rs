@@ -36,3 +36,4 @@ pub use stream::{
     ReplicationMessage, ReplicationReader, ReplicationStream, StatusSender, parse_copy_data,
     pg_micros_to_system_time, pg_now_micros,
 };
+pub(crate) use tls::pem_roots;

@@ -62,23 +62,24 @@ fn root_store(cfg: &PgConfig) -> Result<RootCertStore, ReplicationError> {
     let Some(path) = &cfg.sslrootcert else {
         return Ok(webpki_roots::TLS_SERVER_ROOTS.iter().cloned().collect());
     };
+    pem_roots(path, "sslrootcert").map_err(ReplicationError::TlsConfig)
+}
+
+/// The PEM certificates of the file that `setting` (`sslrootcert`, the stream
+/// URL's `cacertfile`) names, as trust roots. Errors name the setting and the
+/// file: cannot open or read it, a bad certificate, no certificate at all.
+pub(crate) fn pem_roots(path: &std::path::Path, setting: &str) -> Result<RootCertStore, String> {
     let shown = path.display();
-    let file = File::open(path).map_err(|e| {
-        ReplicationError::TlsConfig(format!("cannot open sslrootcert {shown}: {e}"))
-    })?;
+    let file = File::open(path).map_err(|e| format!("cannot open {setting} {shown}: {e}"))?;
     let mut store = RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
-        let cert = cert.map_err(|e| {
-            ReplicationError::TlsConfig(format!("cannot read sslrootcert {shown}: {e}"))
-        })?;
-        store.add(cert).map_err(|e| {
-            ReplicationError::TlsConfig(format!("bad certificate in sslrootcert {shown}: {e}"))
-        })?;
+        let cert = cert.map_err(|e| format!("cannot read {setting} {shown}: {e}"))?;
+        store
+            .add(cert)
+            .map_err(|e| format!("bad certificate in {setting} {shown}: {e}"))?;
     }
     if store.is_empty() {
-        return Err(ReplicationError::TlsConfig(format!(
-            "sslrootcert {shown} holds no PEM certificate"
-        )));
+        return Err(format!("{setting} {shown} holds no PEM certificate"));
     }
     Ok(store)
 }

@@ -8,16 +8,17 @@
 //! "accept any certificate" mode: a connector that sends a database's changes
 //! to whoever answers would defeat the point of TLS.
 
-use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use rustls::ClientConfig;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+
+use crate::replication::pem_roots;
 
 /// What `rabbitmq-stream+tls://` asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,7 +34,7 @@ impl Tls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match &self.cacertfile {
             Some(path) => WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots(path)?),
+                Arc::new(pem_roots(path, "cacertfile")?),
                 provider.clone(),
             )
             .build()
@@ -65,23 +66,6 @@ impl Tls {
             .await
             .map_err(|e| format!("TLS handshake with {host}: {e}"))
     }
-}
-
-fn roots(path: &Path) -> Result<RootCertStore, String> {
-    let shown = path.display();
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("cannot open cacertfile {shown}: {e}"))?;
-    let mut store = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
-        let cert = cert.map_err(|e| format!("cannot read cacertfile {shown}: {e}"))?;
-        store
-            .add(cert)
-            .map_err(|e| format!("bad certificate in cacertfile {shown}: {e}"))?;
-    }
-    if store.is_empty() {
-        return Err(format!("cacertfile {shown} holds no PEM certificate"));
-    }
-    Ok(store)
 }
 
 #[cfg(test)]
